@@ -1,0 +1,56 @@
+"""Rewrite pass: at FULL steps, compute the token scores later PARTIAL steps select by.
+
+Requires: a copy of the captured graph, the branches, and a `CacheLayout` whose
+`scores` maps attention branches to a score kind: "influence" (ToCa s1, how much
+attention each token receives), "entropy" (ToCa s2, cross-attention entropy per
+query token) or "vnorm" (DuCa, value norms).
+Ensures: next to each such attention op, a node computes the score from the op's own
+Q/K/V inputs in chunks of queries (attention itself stays on SDPA) and is written to
+slot `score.b`. Only FULL plans are touched.
+
+Example:
+    >>> attention_scores(gm, branches, full_plan, layout, state)   # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch.fx import GraphModule
+
+from tocache_fx import ops
+from tocache_fx.layout import CacheLayout
+from tocache_fx.schedule import StepKind
+
+from .find_branches import Branch
+from .state import GraphState
+
+__all__ = ["attention_scores"]
+
+
+def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
+                     layout: CacheLayout, state: GraphState) -> bool:
+    """Insert the score computations of a FULL step (see module doc)."""
+    if plan[0] != StepKind.FULL or not layout.scores:
+        return False
+    by_name = {node.name: node for node in gm.graph.nodes}
+    chunk = layout.selection.query_chunk
+    for index, kind in layout.scores.items():
+        attention = by_name[branches[index].attention.name]
+        query, key, value = attention.args[:3]
+        mask = attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")
+        scale = attention.kwargs.get("scale")
+        with gm.graph.inserting_after(attention):
+            if kind == "influence":
+                score = gm.graph.call_function(ops.attention_influence,
+                                               (query, key, mask, scale, chunk))
+            elif kind == "entropy":
+                score = gm.graph.call_function(
+                    ops.cross_attention_entropy, (query, key, mask, scale, chunk,
+                                                  layout.selection.share_halves))
+            else:
+                score = gm.graph.call_function(ops.value_norm_score, (value,))
+        score.meta["tocache"] = f"score:{index}"
+        state.write(f"score.{index}", score)
+    return True

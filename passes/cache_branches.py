@@ -1,0 +1,139 @@
+"""Rewrite pass: turn each residual branch into its cache-aware form for one step plan.
+
+Requires: a copy of the captured graph (node names as in the base graph), the
+branches found by `find_branches` on the base graph, a plan row
+`(kind, k_0, ..., k_{B-1})` and the schedule's `CacheLayout`.
+Ensures: for every branch with `k_b`
+  * `k_b = N` (FULL): the branch runs as before; its value `f` is written to
+    `cache.b` if a later step reuses it (staleness reset to 0);
+  * `k_b = 0` (REUSE): the gate and the residual add read `cache.b` instead of `f`,
+    so the branch becomes dead code;
+  * `0 < k_b < N` (PARTIAL): `select_tokens` picks k tokens, the branch is cloned to
+    run on the gathered `[B, k, C]` input (token sizes in reshapes edited to k), and
+    `scatter_tokens` writes the result into `cache.b`, which the gate then reads.
+The current step's gate is always re-applied to the cached value. Inserted nodes
+carry `meta["tocache"]` naming their role and branch.
+
+Example:
+    >>> state = GraphState(gm.graph)                                        # doctest: +SKIP
+    >>> cache_branches(gm, branches, (1, 0, 24), layout, state)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from tocache_fx import ops
+from tocache_fx.layout import CacheLayout
+
+from .find_branches import Branch
+from .state import GraphState, slot_example
+from .token_axis import SIZE_ARG_OPS
+
+__all__ = ["cache_branches"]
+
+
+def _tag(node: Node, role: str, branch: Branch) -> Node:
+    node.meta["tocache"] = f"{role}:{branch.index}"
+    return node
+
+
+def _staleness_example(branch: Branch) -> torch.Tensor:
+    batch, tokens = branch.skip.meta["val"].shape[:2]
+    return slot_example(branch.skip, dtype=torch.float32, shape=(batch, tokens))
+
+
+def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
+                   layout: CacheLayout, state: GraphState) -> bool:
+    """Apply the plan's FULL / REUSE / PARTIAL form to every branch (see module doc)."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    modified = False
+    for branch, k in zip(branches, plan[1:]):
+        if branch.index not in layout.cached:
+            continue
+        num_tokens = branch.num_tokens
+        if k >= num_tokens:
+            _store_full(branch, by_name, layout, state)
+        elif k == 0:
+            _reuse(branch, by_name, layout, state)
+        else:
+            _partial(gm, branch, k, by_name, layout, state)
+        modified = True
+    return modified
+
+
+def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
+                state: GraphState) -> None:
+    state.write(f"cache.{branch.index}", by_name[branch.output.name])
+    if branch.index in layout.staleness:
+        skip = by_name[branch.skip.name]
+        with skip.graph.inserting_after(skip):
+            fresh = skip.graph.call_function(ops.fresh_staleness, (skip,))
+        state.write(f"stale.{branch.index}", _tag(fresh, "staleness", branch))
+
+
+def _reuse(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
+           state: GraphState) -> None:
+    cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
+    by_name[branch.consumer.name].replace_input_with(by_name[branch.output.name], cache)
+    if branch.index in layout.staleness:
+        stale = state.read(f"stale.{branch.index}", _staleness_example(branch))
+        graph = cache.graph
+        with graph.inserting_before(by_name[branch.consumer.name]):
+            older = graph.call_function(ops.advance_staleness, (stale, None))
+        state.write(f"stale.{branch.index}", _tag(older, "staleness", branch))
+
+
+def _select(branch: Branch, k: int, skip: Node, layout: CacheLayout, state: GraphState) -> Node:
+    selection = layout.selection
+    kwargs: dict[str, object] = {
+        "score_weight": selection.score_weight, "staleness_weight": selection.staleness_weight,
+        "interval": selection.interval, "grid": selection.grid, "grid_size": selection.grid_size,
+        "grid_bonus": selection.grid_bonus, "share_halves": selection.share_halves,
+    }
+    batch_tokens = _staleness_example(branch)
+    if branch.index in layout.score_source:
+        source = layout.score_source[branch.index]
+        kwargs["score"] = state.read(f"score.{source}", batch_tokens)
+    if branch.index in layout.staleness:
+        kwargs["staleness"] = state.read(f"stale.{branch.index}", batch_tokens)
+    if selection.noise != "none":
+        kwargs["noise"] = state.read("noise", batch_tokens)
+    if selection.noise == "similarity":
+        kwargs["similarity_to"] = skip
+        kwargs["similarity_base"] = selection.similarity_base
+    return skip.graph.call_function(ops.select_tokens, (k,), kwargs)
+
+
+def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
+             layout: CacheLayout, state: GraphState) -> None:
+    graph = gm.graph
+    skip, output = by_name[branch.skip.name], by_name[branch.output.name]
+    consumer = by_name[branch.consumer.name]
+    cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
+    with graph.inserting_before(consumer):
+        idx = _tag(_select(branch, k, skip, layout, state), "select", branch)
+        env = {skip: _tag(graph.call_function(ops.gather_tokens, (skip, idx)), "gather", branch)}
+        for old in branch.nodes:
+            node = by_name[old.name]
+            clone = graph.node_copy(node, lambda n: env.get(n, n))
+            if node.target in SIZE_ARG_OPS:
+                sizes = list(clone.args[1])
+                axis = branch.token_axes[old]
+                if sizes[axis] != -1:
+                    sizes[axis] = k
+                clone.args = (clone.args[0], sizes) + tuple(clone.args[2:])
+            env[node] = _tag(clone, "compute", branch)
+        updated = graph.call_function(ops.scatter_tokens, (cache, idx, env[output]))
+        _tag(updated, "scatter", branch)
+        if branch.index in layout.staleness:
+            stale = state.read(f"stale.{branch.index}", _staleness_example(branch))
+            older = _tag(graph.call_function(ops.advance_staleness, (stale, idx)), "staleness",
+                         branch)
+            state.write(f"stale.{branch.index}", older)
+    consumer.replace_input_with(output, updated)
+    state.write(f"cache.{branch.index}", updated)

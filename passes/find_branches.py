@@ -1,0 +1,212 @@
+"""Analysis pass: find the residual branches of a captured transformer graph.
+
+Requires: an ATen-level graph from `torch.export` with `meta["val"]` on every node
+(`nn_module_stack` is used for labels only).
+Ensures: the graph is unchanged; returns one `Branch` per residual update
+`x = x + g * f(...)` or `x = x + f(...)` of the token stream, in graph order.
+
+A residual branch is found from structure alone: an `add` of two `[batch, tokens,
+channels]` tensors where one operand (the skip, `x`) is an ancestor of the other
+(`y`), and the nodes between them contain a linear, matmul, convolution or attention.
+Walking back from `y` through views, scalar scaling and one multiplication by a tensor
+that does not depend on `x` (the gate) reaches `f`, the value that is cached.
+
+Example:
+    >>> branches = find_branches(graph_module, model_name="DiTTransformer2DModel")  # doctest: +SKIP
+    >>> [(b.block, b.kind) for b in branches][:2]
+    [(0, 'self_attention'), (0, 'mlp')]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from tocache_fx.errors import UnsupportedModelError
+
+from .token_axis import NotTokenWise, token_axes
+
+aten = torch.ops.aten
+
+__all__ = ["Branch", "find_branches", "ATTENTION_OPS"]
+
+ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+_HEAVY_OPS = ATTENTION_OPS | {
+    aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default,
+    aten.addmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+}
+# Single-input ops that may sit between the cached value and the residual add.
+_POST_VIEWS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.to.dtype,
+    aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+    aten.dropout.default, aten.alias.default,
+}
+
+
+@dataclass(eq=False)
+class Branch:
+    """One residual branch `add = skip + post(gate * output)` of the token stream."""
+
+    index: int
+    block: int
+    block_path: str
+    kind: str  # "self_attention" | "cross_attention" | "mlp"
+    add: Node
+    skip: Node  # the residual stream entering the branch; the branch reads it
+    output: Node  # f: the branch value before the gate, what the cache holds
+    consumer: Node  # the node on the output side that reads `output`
+    gate: Node | None
+    attention: Node | None  # the attention op inside the branch, if any
+    nodes: list[Node] = field(repr=False)  # between skip and output, in graph order
+    token_axes: dict[Node, object] | None = field(repr=False, default=None)
+    partial_reason: str | None = None  # None: PARTIAL-able (token-wise)
+
+    @property
+    def partial_ok(self) -> bool:
+        return self.partial_reason is None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.skip.meta["val"].shape[1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_path or 'block ' + str(self.block)}:{self.kind}"
+
+
+def _tensor_shape(node: object) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _between(skip: Node, y: Node, order: dict[Node, int]) -> list[Node] | None:
+    """Nodes on a path from `skip` to `y` (inclusive of y), or None if y ignores skip."""
+    ancestors = _ancestors(y) | {y}
+    if skip not in ancestors:
+        return None
+    seen, stack = set(), [skip]
+    limit = order[y]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and order[user] <= limit and user in ancestors:
+                seen.add(user)
+                stack.append(user)
+    return sorted(seen, key=order.__getitem__)
+
+
+def _split_output(y: Node, inside: set[Node]) -> tuple[Node, Node | None, Node | None]:
+    """Walk back from `y` to the cached value f; returns (f, gate, consumer of f)."""
+    node, gate, consumer = y, None, None
+    while True:
+        if node.target in _POST_VIEWS and node.args[0] in inside:
+            node, consumer = node.args[0], node
+            continue
+        if node.target in (aten.mul.Tensor, aten.div.Tensor):
+            a, b = node.args[:2]
+            if a in inside and b not in inside:
+                inner, other = a, b
+            elif b in inside and a not in inside and node.target is aten.mul.Tensor:
+                inner, other = b, a
+            else:
+                break
+            if isinstance(other, Node):
+                if gate is not None or node.target is aten.div.Tensor:
+                    break
+                gate = other
+            node, consumer = inner, node
+            continue
+        break
+    return node, gate, consumer
+
+
+def _attention_kind(nodes: list[Node], inside: set[Node]) -> tuple[str, Node | None]:
+    for node in nodes:
+        if node.target in ATTENTION_OPS:
+            query, key, value = node.args[:3]
+            is_self = key in inside or value in inside
+            return ("self_attention" if is_self else "cross_attention"), node
+    for node in nodes:
+        if node.target in (aten.softmax.int, aten._softmax.default):
+            return "self_attention", None
+    return "mlp", None
+
+
+def _block_path(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [value[0] for value in stack.values()]
+    return paths[-1] if paths else ""
+
+
+def find_branches(gm: GraphModule, model_name: str = "model") -> list[Branch]:
+    """Find every residual branch of `gm`; raise `UnsupportedModelError` if none."""
+    nodes = list(gm.graph.nodes)
+    order = {node: i for i, node in enumerate(nodes)}
+    candidates, adds_3d = [], 0
+    for add in nodes:
+        if add.target is not aten.add.Tensor or len(add.args) < 2 or add.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = add.args[:2]
+        shape_a, shape_b = _tensor_shape(a), _tensor_shape(b)
+        if shape_a is None or shape_a != shape_b or len(shape_a) != 3 or shape_a[1] < 2:
+            continue
+        adds_3d += 1
+        for skip, y in ((b, a), (a, b)):
+            between = _between(skip, y, order)
+            if between and any(n.target in _HEAVY_OPS for n in between):
+                candidates.append((add, skip, y, between))
+                break
+    inner_nodes = {n for _, _, _, between in candidates for n in between}
+    candidates = [c for c in candidates if c[0] not in inner_nodes]
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{model_name}: found no residual branch (x + f(x) or x + g*f(x) over "
+            f"[batch, tokens, channels] tensors). The graph has {len(nodes)} nodes and "
+            f"{adds_3d} adds of two equal 3-d tensors, none of which adds a linear, "
+            f"matmul, convolution or attention computed from the other operand."
+        )
+
+    block_ids: dict[str, int] = {}
+    branches = []
+    for add, skip, y, between in candidates:
+        inside = set(between) | {skip}
+        output, gate, consumer = _split_output(y, inside)
+        body = [n for n in between if order[n] <= order[output]]
+        kind, attention = _attention_kind(body, inside)
+        path = _block_path(add)
+        block = block_ids.setdefault(path, len(block_ids)) if path else len(branches)
+        branch = Branch(
+            index=len(branches), block=block, block_path=path, kind=kind, add=add, skip=skip,
+            output=output, consumer=consumer or add, gate=gate, attention=attention, nodes=body,
+        )
+        _mark_partial(branch)
+        branches.append(branch)
+    return branches
+
+
+def _mark_partial(branch: Branch) -> None:
+    """Record whether the branch can run on a gathered subset of its tokens."""
+    if branch.kind == "self_attention":
+        branch.partial_reason = "self-attention (never partial, as in ToCa)"
+        return
+    try:
+        axes = token_axes(branch.nodes, branch.skip, axis=1)
+    except NotTokenWise as error:
+        branch.partial_reason = str(error)
+        return
+    if axes.get(branch.output) != 1 or len(_tensor_shape(branch.output) or ()) != 3:
+        branch.partial_reason = "the cached value is not a [batch, tokens, channels] tensor"
+        return
+    branch.token_axes = axes

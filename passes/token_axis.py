@@ -1,0 +1,241 @@
+"""Analysis pass: is a branch token-wise, and where is the token axis of each node?
+
+Requires: `node.meta["val"]` on every node (as `torch.export` leaves it).
+Ensures: nothing is modified; returns, for the nodes of one branch, the dimension
+that carries the token axis of the branch input, or the reason why computing the
+branch on a gathered subset of tokens would not give the same values per token.
+
+A branch is token-wise when every op on the path from its input to its output keeps
+tokens independent: pointwise ops with per-token-broadcast side inputs, linear layers,
+norms over channels, reshapes and permutes that keep the token axis whole, and
+attention where only the queries come from the branch input (cross-attention).
+
+Example:
+    >>> axes = token_axes(branch_nodes, branch_input)   # doctest: +SKIP
+    >>> axes[linear_node]
+    1
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+__all__ = ["NotTokenWise", "token_axes", "SIZE_ARG_OPS"]
+
+
+class NotTokenWise(Exception):
+    """Raised with a human-readable reason when a branch is not token-wise."""
+
+
+# Ops whose output keeps the input's shape and that act on each element independently
+# or are identities in eval mode.
+_SHAPE_PRESERVING = {
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default,
+    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.dropout.default,
+    aten.type_as.default,
+}
+# Ops with an explicit size list as their second argument (the token entry is edited
+# to the partial token count when the branch is rewritten).
+SIZE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.expand.default}
+_LINEAR = {aten.linear.default}
+_LEFT_MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+_NORMS = {aten.layer_norm.default, aten.rms_norm.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+           aten.unbind.int}
+_SDPA = {aten.scaled_dot_product_attention.default}
+
+
+def _shape(node: object) -> Sequence[int] | None:
+    if isinstance(node, Node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return tuple(val.shape)
+    return None
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> int | None:
+    """Where the token axis lands after a reshape, if it stays whole and unmerged."""
+    prefix, size = math.prod(in_shape[:axis]), in_shape[axis]
+    for j, out_size in enumerate(out_shape):
+        if math.prod(out_shape[:j]) == prefix and out_size == size:
+            return j
+    return None
+
+
+def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1) -> dict[Node, object]:
+    """Token axis of every node of a branch (`nodes`, in graph order).
+
+    Values are an int, or a tuple of ints/None for ops returning several tensors.
+    Raises `NotTokenWise` naming the first op that mixes tokens.
+    """
+    axes: dict[Node, object] = {branch_input: axis}
+    num_tokens = _shape(branch_input)[axis]
+    for node in nodes:
+        if node is branch_input:
+            continue
+        carried = [a for a in node.all_input_nodes if a in axes]
+        if not carried:
+            continue
+        axes[node] = _node_axis(node, axes, num_tokens)
+    return axes
+
+
+def _arg(node: Node, index: int, name: str, default: object) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _fail(node: Node, why: str) -> NotTokenWise:
+    return NotTokenWise(f"{node.name} ({node.target}) {why}")
+
+
+def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> object:
+    target, args = node.target, node.args
+    out_shape = _shape(node)
+    src = args[0] if args else None
+
+    if node.op != "call_function":
+        raise _fail(node, "is not a function call")
+    if target is operator.getitem:
+        parent = axes[src]
+        if not isinstance(parent, tuple) or parent[args[1]] is None:
+            raise _fail(node, "indexes a tensor along tokens")
+        return parent[args[1]]
+    if src not in axes and target not in _SDPA and not (
+        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    ) and target not in (aten.cat.default, aten.stack.default):
+        raise _fail(node, "reads the branch input through a non-leading argument")
+
+    if target in _SHAPE_PRESERVING:
+        return axes[src]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return _pointwise_axis(node, axes, num_tokens)
+    if target in _LINEAR or target in _LEFT_MATMUL:
+        axis = axes[src]
+        if any(a in axes for a in node.all_input_nodes if a is not src):
+            raise _fail(node, "multiplies two token-carrying tensors")
+        if axis == len(_shape(src)) - 1:
+            raise _fail(node, "contracts over the token axis")
+        return axis
+    if target in _NORMS:
+        axis, ndim = axes[src], len(_shape(src))
+        if axis >= ndim - len(args[1]):
+            raise _fail(node, "normalises over the token axis")
+        return axis
+    if target in _SOFTMAX:
+        if _norm_dim(args[1], len(out_shape)) == axes[src]:
+            raise _fail(node, "normalises over the token axis")
+        return axes[src]
+    if target in _REDUCTIONS:
+        return _reduction_axis(node, axes)
+    if target in SIZE_ARG_OPS or target in (aten.flatten.using_ints, aten.unflatten.int):
+        new = _view_axis(_shape(src), axes[src], out_shape)
+        if new is None:
+            raise _fail(node, "merges or splits the token axis")
+        return new
+    if target is aten.unsqueeze.default:
+        dim = _norm_dim(args[1], len(out_shape))
+        return axes[src] + (1 if dim <= axes[src] else 0)
+    if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        new = _view_axis(_shape(src), axes[src], out_shape)
+        if new is None:
+            raise _fail(node, "squeezes the token axis")
+        return new
+    if target is aten.transpose.int:
+        ndim, axis = len(out_shape), axes[src]
+        d0, d1 = _norm_dim(args[1], ndim), _norm_dim(args[2], ndim)
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if target is aten.permute.default:
+        return [_norm_dim(d, len(out_shape)) for d in args[1]].index(axes[src])
+    if target in _SPLITS:
+        unbind = target is aten.unbind.int
+        dim = _norm_dim(_arg(node, 1 if unbind else 2, "dim", 0), len(_shape(src)))
+        if dim == axes[src]:
+            raise _fail(node, "splits along the token axis")
+        axis = axes[src] - (1 if unbind and dim < axes[src] else 0)
+        return tuple(axis for _ in node.meta["val"])
+    if target in (aten.cat.default, aten.stack.default):
+        return _cat_axis(node, axes)
+    if target is aten.slice.Tensor or target is aten.select.int:
+        dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(src)))
+        if dim == axes[src]:
+            raise _fail(node, "slices along the token axis")
+        return axes[src] - (1 if target is aten.select.int and dim < axes[src] else 0)
+    if target in _SDPA:
+        return _attention_axis(node, axes)
+    raise _fail(node, "is not known to be token-wise")
+
+
+def _pointwise_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> int:
+    out_shape = _shape(node)
+    out_ndim = len(out_shape)
+    aligned = {out_ndim - len(_shape(a)) + axes[a] for a in node.all_input_nodes if a in axes}
+    if len(aligned) != 1:
+        raise _fail(node, "combines tensors whose token axes disagree")
+    axis = aligned.pop()
+    for other in node.all_input_nodes:
+        shape = _shape(other)
+        if other in axes or shape is None:
+            continue
+        pos = axis - (out_ndim - len(shape))
+        if pos >= 0 and shape[pos] != 1:
+            raise _fail(node, f"reads a per-token side input {other.name} of shape {list(shape)}")
+    return axis
+
+
+def _reduction_axis(node: Node, axes: dict[Node, object]) -> int:
+    src = node.args[0]
+    ndim, axis = len(_shape(src)), axes[src]
+    dims = _arg(node, 1, "dim", None)
+    dims = [dims] if isinstance(dims, int) else dims
+    if not dims:
+        raise _fail(node, "reduces over all dimensions")
+    dims = {_norm_dim(d, ndim) for d in dims}
+    if axis in dims:
+        raise _fail(node, "reduces over the token axis")
+    keepdim = _arg(node, 2, "keepdim", False)
+    return axis if keepdim else axis - sum(d < axis for d in dims)
+
+
+def _cat_axis(node: Node, axes: dict[Node, object]) -> int:
+    tensors = node.args[0]
+    dim = _arg(node, 1, "dim", 0)
+    first = next(t for t in tensors if t in axes)
+    ndim = len(_shape(first))
+    if any(t not in axes for t in tensors):
+        raise _fail(node, "concatenates token-carrying and other tensors")
+    if len({axes[t] for t in tensors}) != 1:
+        raise _fail(node, "concatenates tensors whose token axes disagree")
+    axis = axes[first]
+    if node.target is aten.stack.default:
+        return axis + (1 if _norm_dim(dim, ndim + 1) <= axis else 0)
+    if _norm_dim(dim, ndim) == axis:
+        raise _fail(node, "concatenates along the token axis")
+    return axis
+
+
+def _attention_axis(node: Node, axes: dict[Node, object]) -> int:
+    query, key, value = node.args[:3]
+    if key in axes or value in axes:
+        raise _fail(node, "attends over the branch's own tokens (self-attention)")
+    mask = _arg(node, 3, "attn_mask", None)
+    if isinstance(mask, Node) and (mask in axes or (_shape(mask) or (1, 1))[-2] > 1):
+        raise _fail(node, "uses an attention mask with one row per query token")
+    if query not in axes or axes[query] != len(_shape(query)) - 2:
+        raise _fail(node, "does not take tokens along the query sequence axis")
+    return axes[query]

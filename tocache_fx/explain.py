@@ -1,0 +1,94 @@
+"""`explain(model)`: what the pass rewrote and what each step costs.
+
+FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on fake tensors, by
+running each step graph (the same rewritten graphs the compiled model runs) once.
+
+Example:
+    >>> print(explain(cached))   # after one call of the cached model   # doctest: +SKIP
+    block  branch           gate       PARTIAL-able
+    ...
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from tabulate import tabulate
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .schedule import StepKind
+
+__all__ = ["explain", "step_flops", "schedule_flops"]
+
+
+def _plan_label(plan: tuple[int, ...], num_tokens: int) -> str:
+    kind = StepKind(plan[0])
+    if kind is StepKind.PARTIAL:
+        ks = [k for k in plan[1:] if 0 < k < num_tokens]
+        if not ks:
+            return "REUSE"
+        return f"PARTIAL(k={min(ks)}..{max(ks)})" if min(ks) != max(ks) else f"PARTIAL(k={ks[0]})"
+    return kind.name
+
+
+def step_flops(step_graph) -> int:
+    """FLOPs of one run of a step graph, counted on fake tensors."""
+    gm = step_graph.graph_module
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inputs = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                  for v in vals]
+        with FlopCounterMode(display=False) as counter:
+            gm(*inputs)
+    return counter.get_total_flops()
+
+
+def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
+    """FLOPs per distinct step plan and for the whole schedule of `cached`."""
+    from .variants import build_step_graph
+
+    prepared = cached.last_prepared()
+    schedule, layout = cached.schedule_for(num_steps)
+    num_tokens = schedule.num_tokens
+    full_plan = schedule.full_plan()
+    per_plan, counts = {}, Counter(schedule.plan(i) for i in range(schedule.num_steps))
+    uncached = step_flops(build_step_graph(prepared.captured.graph_module, prepared.branches,
+                                           full_plan, type(layout)()))
+    for plan in schedule.plans():
+        per_plan[plan] = step_flops(build_step_graph(prepared.captured.graph_module,
+                                                     prepared.branches, plan, layout))
+    total = sum(per_plan[plan] * count for plan, count in counts.items())
+    return {"schedule": schedule, "per_plan": per_plan, "counts": counts,
+            "uncached_step": uncached, "total": total,
+            "speedup": uncached * schedule.num_steps / total if total else float("inf"),
+            "labels": {plan: _plan_label(plan, num_tokens) for plan in per_plan}}
+
+
+def explain(cached, num_steps: int | None = None) -> str:
+    """A table of the branches found and a table of FLOPs per step kind."""
+    prepared = cached.last_prepared()
+    branch_rows = [
+        (b.index, b.block, b.block_path, b.kind, b.gate.name if b.gate is not None else "-",
+         "yes" if b.partial_ok else f"no: {b.partial_reason}")
+        for b in prepared.branches]
+    flops = schedule_flops(cached, num_steps)
+    schedule = flops["schedule"]
+    step_rows = [(flops["labels"][plan], flops["counts"][plan], f"{flops['per_plan'][plan] / 1e9:.3f}")
+                 for plan in flops["per_plan"]]
+    grid = prepared.grid
+    lines = [
+        f"{type(cached.original).__name__} with {cached.policy!r}",
+        f"{len(prepared.branches)} residual branches; token grid "
+        f"{'x'.join(map(str, grid)) if grid else 'unknown (grid bonus off)'}",
+        tabulate(branch_rows, headers=["#", "block", "module", "kind", "gate", "PARTIAL-able"]),
+        "",
+        tabulate(step_rows, headers=["step kind", "steps", "GFLOPs / step"]),
+        "",
+        f"schedule: {schedule.num_steps} steps, {flops['total'] / 1e9:.3f} GFLOPs vs "
+        f"{flops['uncached_step'] * schedule.num_steps / 1e9:.3f} uncached: "
+        f"{flops['speedup']:.2f}x fewer FLOPs; {len(flops['per_plan'])} compiled graphs",
+    ]
+    return "\n".join(lines)

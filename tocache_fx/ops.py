@@ -1,0 +1,166 @@
+"""Tensor functions the rewrite inserts into the model graph.
+
+Each is plain PyTorch with static shapes, so `torch.compile` traces it into the same
+graph as the model (no graph break, no host sync). Scores follow methods.md §2–3.
+
+Example:
+    >>> x = torch.randn(2, 16, 8)
+    >>> idx = select_tokens(4, score=torch.rand(2, 16))
+    >>> gather_tokens(x, idx).shape
+    torch.Size([2, 4, 8])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "gather_tokens", "scatter_tokens", "advance_staleness", "select_tokens",
+    "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
+]
+
+
+def _token_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Expand `[B, k]` token indices to index dim 1 of a `[B, k, ...]` tensor."""
+    shape = (idx.shape[0], idx.shape[1]) + (1,) * (like.dim() - 2)
+    return idx.view(shape).expand((idx.shape[0], idx.shape[1]) + tuple(like.shape[2:]))
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Tokens `idx` ([B, k]) of `x` ([B, N, ...]) -> [B, k, ...]."""
+    return x.gather(1, _token_index(idx, x))
+
+
+def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `cache` ([B, N, ...]) with tokens `idx` replaced by `values` ([B, k, ...])."""
+    return cache.scatter(1, _token_index(idx, values), values.to(cache.dtype))
+
+
+def advance_staleness(staleness: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """One more cached step for every token; tokens `idx` were just recomputed (0)."""
+    staleness = staleness + 1
+    if idx is None:
+        return staleness
+    return staleness.scatter(1, idx, 0.0)
+
+
+def _normalise(score: torch.Tensor) -> torch.Tensor:
+    return F.normalize(score.float(), p=2.0, dim=-1)
+
+
+def _shared_halves(score: torch.Tensor) -> torch.Tensor:
+    """Average a [B, N] score over the two CFG halves of an even batch."""
+    half = score.shape[0] // 2
+    mean = (score[:half] + score[half:]) / 2
+    return torch.cat([mean, mean])
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else logits + mask.float()
+    return logits.softmax(dim=-1)
+
+
+def attention_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                        scale: float | None = None, chunk: int = 256) -> torch.Tensor:
+    """s1: how much attention each key token receives, `[B, H, N, d]` -> `[B, N]`.
+
+    Column sums of the head-averaged attention map, L2-normalised; computed over query
+    chunks so memory stays O(N * chunk) per head instead of O(N^2).
+    """
+    total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
+    for start in range(0, q.shape[-2], chunk):
+        q_chunk = q[..., start:start + chunk, :]
+        m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
+            else mask
+        total = total + _attention_probs(q_chunk, k, m_chunk, scale).mean(dim=1).sum(dim=1)
+    return _normalise(total)
+
+
+def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                            scale: float | None = None, chunk: int = 256,
+                            share_halves: bool = False) -> torch.Tensor:
+    """s2: entropy of each query token's cross-attention, `[B, H, N, d]` -> `[B, N]`.
+
+    `normalise(1 + H)` with the map averaged over heads (and over the CFG halves when
+    `share_halves`), computed over query chunks.
+    """
+    rows = []
+    for start in range(0, q.shape[-2], chunk):
+        m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
+            else mask
+        probs = _attention_probs(q[..., start:start + chunk, :], k, m_chunk, scale).mean(dim=1)
+        if share_halves and probs.shape[0] % 2 == 0:
+            probs = _shared_halves(probs.flatten(1)).view_as(probs)
+        rows.append(-(probs * torch.log(probs + 1e-7)).sum(dim=-1))
+    return _normalise(1 + torch.cat(rows, dim=-1))
+
+
+def value_norm_score(v: torch.Tensor) -> torch.Tensor:
+    """DuCa's V-norm selection: tokens with small value norms score high, `[B, H, N, d]` -> `[B, N]`."""
+    norms = v.float().norm(dim=-1).mean(dim=1)
+    return -norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _similarity_score(x: torch.Tensor, noise: torch.Tensor, base_fraction: float) -> torch.Tensor:
+    """Minus the largest cosine similarity of each token to a random base set."""
+    num_base = max(1, round(base_fraction * x.shape[1]))
+    base = gather_tokens(x, noise.topk(num_base, dim=1, sorted=False).indices)
+    similarity = torch.matmul(F.normalize(x.float(), dim=-1),
+                              F.normalize(base.float(), dim=-1).transpose(1, 2))
+    return -similarity.amax(dim=-1)
+
+
+def _grid_bonus(score: torch.Tensor, grid: tuple[int, int], cell: int, bonus: float) -> torch.Tensor:
+    """s4: in every cell x cell patch of the token grid, lift the top token by bonus * max."""
+    batch = score.shape[0]
+    rows, cols = grid
+    cells = score.view(batch, rows // cell, cell, cols // cell, cell).permute(0, 1, 3, 2, 4)
+    cells = cells.reshape(batch, -1, cell * cell)
+    best, where = cells.max(dim=-1)
+    lifted = cells.scatter_add(-1, where.unsqueeze(-1), (bonus * best).unsqueeze(-1))
+    lifted = lifted.view(batch, rows // cell, cols // cell, cell, cell).permute(0, 1, 3, 2, 4)
+    return lifted.reshape(batch, rows * cols)
+
+
+def select_tokens(k: int, *, score: torch.Tensor | None = None, score_weight: float = 1.0,
+                  staleness: torch.Tensor | None = None, staleness_weight: float = 0.0,
+                  interval: int = 1, noise: torch.Tensor | None = None,
+                  similarity_to: torch.Tensor | None = None, similarity_base: float = 0.01,
+                  grid: tuple[int, int] | None = None, grid_size: int = 1,
+                  grid_bonus: float = 0.0, share_halves: bool = False) -> torch.Tensor:
+    """Indices `[B, k]` of the tokens to recompute: top-k of the combined score.
+
+    S = score_weight * score + staleness_weight * staleness / interval (+ noise, or the
+    similarity score), then the grid bonus; with `share_halves` an even batch is taken
+    as [uncond; cond] and both halves get the selection of their averaged score.
+    """
+    parts = []
+    if score is not None:
+        parts.append(score_weight * score)
+    if staleness is not None and staleness_weight:
+        parts.append(staleness_weight * staleness / interval)
+    if similarity_to is not None:
+        parts.append(_similarity_score(similarity_to, noise, similarity_base))
+    elif noise is not None:
+        parts.append(noise)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    if grid is not None and grid_bonus:
+        total = _grid_bonus(total, grid, grid_size, grid_bonus)
+    if share_halves and total.shape[0] % 2 == 0:
+        half = total.shape[0] // 2
+        idx = ((total[:half] + total[half:]) / 2).topk(k, dim=1, sorted=False).indices
+        return torch.cat([idx, idx])
+    return total.topk(k, dim=1, sorted=False).indices
+
+
+def fresh_staleness(x: torch.Tensor) -> torch.Tensor:
+    """All tokens just recomputed: a zero `[B, N]` staleness counter for `x` ([B, N, ...])."""
+    return x.new_zeros(x.shape[:2], dtype=torch.float32)
