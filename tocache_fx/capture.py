@@ -3,7 +3,7 @@
 `torch.export(strict=False)` traces the whole forward (no graph break; diffusers
 models defeat `torch.fx.symbolic_trace`). The result is normalised for rewriting:
 parameters stay shared with the model (`get_attr`), runtime guard and metadata
-assertion nodes are removed, and the graph takes the call's tensor leaves as flat
+assertion nodes and eval-mode dropouts are removed, and the graph takes the call's tensor leaves as flat
 positional inputs and returns the flat outputs.
 
 Example:
@@ -70,6 +70,11 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> CapturedGraph:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" or node.target in _DROPPED_TARGETS:
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.dropout.default and not (node.args[2] and node.args[1]):
+            # eval-mode dropout is the identity; left in, its "seeded" tag keeps dead
+            # branches alive through dead-code elimination
+            node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tocache_fx.passes.attention_scores import attention_scores
@@ -50,6 +50,15 @@ def _copy(base: GraphModule) -> GraphModule:
     return GraphModule(base, graph)
 
 
+def _is_impure(node: Node) -> bool:
+    """Only mutation makes a node impure here: eval-mode SDPA and dropout carry a
+    "seeded" tag that would otherwise keep every dead attention branch alive."""
+    if node.op in ("placeholder", "output"):
+        return True
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
 def _refresh_meta(gm: GraphModule) -> None:
     """Recompute `meta["val"]` (and check every shape) with fake tensors."""
     vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -73,7 +82,7 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[
         attention_scores(gm, branches, plan, layout, state)
         cache_branches(gm, branches, plan, layout, state)
     state.finish()
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     _refresh_meta(gm)

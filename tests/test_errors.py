@@ -1,0 +1,44 @@
+"""Bad input gets a clear error, never a silent wrong result."""
+
+import pytest
+import torch
+
+from conftest import dit_inputs, make_dit
+import tocache_fx
+from tocache_fx import CacheStateError, ToCa, UnsupportedModelError
+
+
+def test_transform_rejects_training_mode():
+    model = make_dit(1).train()
+    with pytest.raises(CacheStateError, match="inference only"):
+        tocache_fx.transform(model, ToCa())
+
+
+def test_call_in_training_mode_raises():
+    model = tocache_fx.transform(make_dit(1), ToCa(), compile=False)
+    model.train()
+    with pytest.raises(CacheStateError, match=r"call \.eval\(\)"):
+        model(**dit_inputs(torch.randn(2, 4, 8, 8), 10))
+    model.eval()
+    model(**dit_inputs(torch.randn(2, 4, 8, 8), 10))
+
+
+def test_policy_must_be_a_policy():
+    with pytest.raises(TypeError, match="Policy"):
+        tocache_fx.transform(make_dit(1), {"interval": 3})
+
+
+class Pointwise(torch.nn.Module):
+    def forward(self, hidden_states):
+        return hidden_states * 2
+
+
+def test_unsupported_model_error_at_first_call():
+    model = tocache_fx.transform(Pointwise().eval(), ToCa(), compile=False)
+    with pytest.raises(UnsupportedModelError, match="Pointwise: found no residual branch"):
+        model(torch.randn(1, 4, 8))
+
+
+def test_explain_before_first_call():
+    with pytest.raises(CacheStateError, match="not been called"):
+        tocache_fx.explain(tocache_fx.transform(make_dit(1), ToCa(), compile=False))

@@ -1,0 +1,152 @@
+"""Eager numerics of the transformed model against the original and references."""
+
+import pytest
+import torch
+
+from conftest import denoise, dit_inputs, make_dit, pixart_inputs
+import tocache_fx
+from tocache_fx import FORA, DuCa, NoCache, ToCa
+from tocache_fx.explain import schedule_flops
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def dit_reference(dit):
+    return denoise(dit, dit_inputs, STEPS)
+
+
+def cached(model, policy):
+    return tocache_fx.transform(model, policy, compile=False)
+
+
+def test_no_cache_is_bitwise_original(dit, dit_reference):
+    assert torch.equal(denoise(cached(dit, NoCache()), dit_inputs, STEPS), dit_reference)
+
+
+def test_no_cache_is_bitwise_original_pixart(pixart):
+    reference = denoise(pixart, pixart_inputs, 4)
+    assert torch.equal(denoise(cached(pixart, NoCache()), pixart_inputs, 4), reference)
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=1), ToCa(interval=1), DuCa(interval=1),
+                                    ToCa.pixart(interval=1)])
+def test_interval_one_is_original(dit, dit_reference, policy):
+    assert torch.equal(denoise(cached(dit, policy), dit_inputs, STEPS), dit_reference)
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=3), ToCa(cache_ratio=0.5, num_steps=STEPS),
+                                    DuCa(interval=4, cache_ratio=0.5)])
+def test_caching_changes_output_but_stays_close(dit, dit_reference, policy):
+    out = denoise(cached(dit, policy), dit_inputs, STEPS)
+    assert not torch.equal(out, dit_reference)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], dit_reference[0])  # step 0 is always FULL
+
+
+def fora_with_hooks(model, interval: int):
+    """An independent FORA: forward hooks replay attn1/ff outputs between FULL steps."""
+    stored, calls = {}, {"n": -1}
+
+    def count(module, args, kwargs):
+        calls["n"] += 1
+
+    def replay(name):
+        def hook(module, args, output):
+            if calls["n"] % interval == 0:
+                stored[name] = output
+                return output
+            return stored[name]
+        return hook
+
+    handles = [model.register_forward_pre_hook(count, with_kwargs=True)]
+    for i, block in enumerate(model.transformer_blocks):
+        handles.append(block.attn1.register_forward_hook(replay(f"attn{i}")))
+        handles.append(block.ff.register_forward_hook(replay(f"ff{i}")))
+    return handles
+
+
+def test_fora_matches_hook_reference(dit):
+    handles = fora_with_hooks(dit, interval=3)
+    try:
+        reference = denoise(dit, dit_inputs, STEPS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = denoise(cached(dit, FORA(interval=3)), dit_inputs, STEPS)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", [ToCa(cache_ratio=0.5), DuCa(interval=3, cache_ratio=0.5)])
+def test_reset_repeats_generation(dit, policy):
+    model = cached(dit, policy)
+    first = denoise(model, dit_inputs, STEPS)
+    model.reset()
+    assert torch.equal(denoise(model, dit_inputs, STEPS), first)
+
+
+@pytest.mark.parametrize("policy", [ToCa(cache_ratio=0.5, num_steps=STEPS),
+                                    DuCa(interval=3, cache_ratio=0.5, num_steps=STEPS)])
+def test_restarting_timesteps_start_a_new_generation(dit, policy):
+    model = cached(dit, policy)
+    first = denoise(model, dit_inputs, STEPS)
+    assert torch.equal(denoise(model, dit_inputs, STEPS), first)
+
+
+def test_rising_timesteps_are_counted(dit):
+    model = cached(dit, FORA(interval=2))
+    x = torch.randn(2, 4, 8, 8)
+    for step, t in enumerate([0, 100, 200, 300]):
+        model(**dit_inputs(x, t))
+        assert model._generations["default"].step == step
+    model(**dit_inputs(x, 0))  # restart
+    assert model._generations["default"].step == 0
+
+
+def test_return_dict_both_ways(dit):
+    model = cached(dit, ToCa())
+    inputs = dit_inputs(torch.randn(2, 4, 8, 8), 10)
+    as_tuple = model(**inputs, return_dict=False)
+    model.reset()
+    as_output = model(**inputs)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_output.sample)
+    assert torch.equal(as_output.sample, dit(**inputs).sample)
+
+
+def test_batch_change_resets_cache(dit):
+    model = cached(dit, FORA(interval=4))
+    x2, x4 = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    model(**dit_inputs(x2, 999))
+    model(**dit_inputs(x2, 900))  # a REUSE step for batch 2
+    out = model(**dit_inputs(x4, 800)).sample  # new signature: FULL, never stale caches
+    assert model._generations["default"].step == 0
+    assert torch.equal(out, dit(**dit_inputs(x4, 800)).sample)
+
+
+def test_cache_contexts_are_separate(dit):
+    model = cached(dit, FORA(interval=4))
+    x = torch.randn(2, 4, 8, 8)
+    with model.cache_context("cond"):
+        model(**dit_inputs(x, 999))
+    with model.cache_context("uncond"):
+        out = model(**dit_inputs(x, 900)).sample  # first call in this context: FULL
+    assert torch.equal(out, dit(**dit_inputs(x, 900)).sample)
+
+
+def test_drop_in_surface(dit):
+    model = cached(dit, ToCa())
+    assert model.config is dit.config and model.dtype == dit.dtype and model.device == dit.device
+    assert model.transformer_blocks is dit.transformer_blocks
+    assert tocache_fx.untransform(model) is dit
+
+
+def test_explain_reports_branches_and_flops(dit):
+    model = cached(dit, ToCa(num_steps=STEPS, cache_ratio=0.5))
+    denoise(model, dit_inputs, STEPS)
+    text = tocache_fx.explain(model)
+    assert text.count(" self_attention ") == 3 and text.count(" mlp ") == 3
+    flops = schedule_flops(model)
+    assert flops["speedup"] > 1
+    full = flops["per_plan"][flops["schedule"].full_plan()]
+    assert full > flops["uncached_step"]  # FULL steps also score tokens (s1) for later
+    assert all(f < full for plan, f in flops["per_plan"].items() if plan[0] != 0)

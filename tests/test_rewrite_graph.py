@@ -1,0 +1,122 @@
+"""Graph-diff tests: the exact rewrite each step plan produces."""
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from conftest import dit_inputs, make_dit
+from tocache_fx import FORA, DuCa, ToCa, StepKind, build_schedule, ops
+from tocache_fx.capture import capture
+from tocache_fx.layout import plan_layout
+from tocache_fx.passes.find_branches import find_branches
+from tocache_fx.variants import build_step_graph
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+aten = torch.ops.aten
+
+
+def setup(policy, num_layers=3, steps=10):
+    model = make_dit(num_layers)
+    inputs = dit_inputs(torch.randn(2, 4, 8, 8), 500)
+    captured = capture(model, inputs)
+    branches = find_branches(captured.graph_module)
+    schedule = build_schedule(policy, branches, steps, branches[0].num_tokens)
+    layout = plan_layout(policy, schedule, branches, grid=(4, 4))
+    return model, inputs, captured, branches, schedule, layout
+
+
+def targets(step):
+    return Counter(n.target for n in step.graph_module.graph.nodes if n.op == "call_function")
+
+
+def partial_plan(branches, k):
+    return (int(StepKind.PARTIAL),) + tuple(k if b.partial_ok else 0 for b in branches)
+
+
+def test_partial_plan_has_one_gather_compute_scatter_per_partial_branch():
+    policy = DuCa(interval=4, cache_ratio=0.5, token_bucket=1)
+    _, _, captured, branches, _, layout = setup(policy)
+    plan = partial_plan(branches, 8)
+    step = build_step_graph(captured.graph_module, branches, plan, layout)
+    count = targets(step)
+    partial = sum(b.partial_ok for b in branches)
+    assert count[ops.select_tokens] == count[ops.gather_tokens] == partial
+    assert count[ops.scatter_tokens] == partial
+    assert sorted(step.reads) == sorted(["noise"] + [f"cache.{b.index}" for b in branches])
+    assert sorted(step.writes) == sorted(
+        ["stream"] + [f"cache.{b.index}" for b in branches if b.partial_ok])
+    # only the MLPs run (2 linears each, on 8 of 16 tokens); attention is reused
+    assert count[aten.scaled_dot_product_attention.default] == 0
+    token_linears = [n for n in step.graph_module.graph.nodes
+                     if n.target is aten.linear.default and n.meta["val"].dim() == 3]
+    mlp_linears = [n for n in token_linears if n.meta.get("tocache", "").startswith("compute")]
+    assert len(mlp_linears) == 2 * partial == len(token_linears) - 1  # + the final projection
+    assert all(n.meta["val"].shape[1] == 8 for n in mlp_linears)
+
+
+def test_full_plan_stores_one_slot_per_cached_branch():
+    _, _, captured, branches, schedule, layout = setup(FORA(interval=3))
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
+    assert full.reads == []
+    assert full.writes == [f"cache.{b.index}" for b in branches]
+    assert targets(full) == Counter(n.target for n in captured.graph_module.graph.nodes
+                                    if n.op == "call_function")
+
+
+def test_reuse_plan_removes_every_block_computation():
+    _, _, captured, branches, schedule, layout = setup(FORA(interval=3))
+    reuse = build_step_graph(captured.graph_module, branches, schedule.plan(1), layout)
+    assert reuse.writes == []
+    assert targets(reuse)[aten.scaled_dot_product_attention.default] == 0
+    token_linears = [n for n in reuse.graph_module.graph.nodes
+                     if n.target is aten.linear.default and n.meta["val"].dim() == 3]
+    assert [n.name for n in token_linears] == ["linear_30"]  # the final projection only
+
+
+def test_aggressive_plan_runs_no_block():
+    policy = DuCa(interval=4, cache_ratio=0.5)
+    _, _, captured, branches, schedule, layout = setup(policy)
+    aggressive = build_step_graph(captured.graph_module, branches, schedule.plan(2), layout)
+    assert schedule.plan(2)[0] == StepKind.AGGRESSIVE
+    assert aggressive.reads == ["stream"] and aggressive.writes == []
+    assert targets(aggressive)[aten.layer_norm.default] == 1  # the final layer's norm only
+
+
+def test_partial_tokens_equal_full_computation():
+    """Token-wise property: recomputed tokens get exactly the FULL step's values."""
+    policy = ToCa(interval=2, cache_ratio=0.5, token_bucket=1, time_weight=0.0,
+                  depth_weight=0.0, type_weight=0.0, staleness_weight=0.0, grid_bonus=0.0)
+    _, inputs, captured, branches, schedule, layout = setup(policy)
+    flat = captured.flatten(inputs)
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
+    outputs = full.graph_module(*flat)
+    state = dict(zip(full.writes, outputs[full.num_outputs:]))
+    plan = partial_plan(branches, 8)
+    partial = build_step_graph(captured.graph_module, branches, plan, layout)
+    # attention caches from the FULL step, MLP caches zeroed: the first MLP sees the
+    # FULL step's input, so its recomputed tokens must carry exactly the FULL values
+    slots = {**state, **{f"cache.{b.index}": torch.zeros_like(state[f"cache.{b.index}"])
+                         for b in branches if b.partial_ok}}
+    outputs = partial.graph_module(*flat, *[slots[name] for name in partial.reads])
+    new = dict(zip(partial.writes, outputs[partial.num_outputs:]))
+    first = next(b for b in branches if b.partial_ok)
+    written = new[f"cache.{first.index}"]
+    recomputed = written.abs().sum(-1) != 0
+    assert recomputed.sum(1).tolist() == [8, 8]
+    assert torch.equal(recomputed[0], recomputed[1])  # CFG halves share the selection
+    torch.testing.assert_close(written[recomputed], state[f"cache.{first.index}"][recomputed])
+
+
+def test_snapshot_of_partial_rewrite():
+    policy = ToCa(interval=2, cache_ratio=0.5, token_bucket=1, time_weight=0.0, type_weight=0.0)
+    _, _, captured, branches, _, layout = setup(policy, num_layers=1)
+    assert layout.cached == {0, 1} and layout.scores == {0: "influence"}
+    step = build_step_graph(captured.graph_module, branches, partial_plan(branches, 8), layout)
+    code = step.graph_module.code.strip() + "\n"
+    path = SNAPSHOTS / "dit_1block_partial.py.txt"
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(code)
+    assert code == path.read_text()

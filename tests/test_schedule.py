@@ -1,0 +1,79 @@
+"""Schedule tables against their definitions in methods.md."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from tocache_fx import FORA, DuCa, NoCache, StepKind, ToCa, build_schedule
+
+
+def branches(num_blocks: int = 4):
+    out = []
+    for block in range(num_blocks):
+        out.append(SimpleNamespace(index=len(out), block=block, kind="self_attention",
+                                   partial_ok=False))
+        out.append(SimpleNamespace(index=len(out), block=block, kind="mlp", partial_ok=True))
+    return out
+
+
+N = 256
+
+
+def test_no_cache_is_all_full():
+    table = build_schedule(NoCache(), branches(), 7, N).table
+    assert (table[:, 0] == StepKind.FULL).all() and (table[:, 1:] == N).all()
+
+
+def test_fora_alternates_full_and_reuse():
+    table = build_schedule(FORA(interval=3), branches(), 7, N).table
+    assert table[:, 0].tolist() == [0, 1, 1, 0, 1, 1, 0]
+    assert (table[[1, 2, 4, 5], 1:] == 0).all() and (table[[0, 3, 6], 1:] == N).all()
+
+
+def test_duca_cycle_full_conservative_aggressive():
+    table = build_schedule(DuCa(interval=5, cache_ratio=0.9, token_bucket=1), branches(), 10,
+                           N).table
+    assert table[:, 0].tolist() == [0, 1, 2, 1, 2] * 2
+    conservative = table[1, 1:].tolist()
+    assert conservative[0::2] == [0] * 4  # self-attention reused
+    assert conservative[1::2] == [round(0.1 * N)] * 4  # MLPs recompute 10% of tokens
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=1), ToCa(interval=1), DuCa(interval=1)])
+def test_interval_one_never_caches(policy):
+    table = build_schedule(policy, branches(), 12, N).table
+    assert (table[:, 0] == StepKind.FULL).all()
+
+
+def test_toca_dit_ddim50_full_steps_and_fractions():
+    policy = ToCa()  # DiT DDIM-50 defaults
+    schedule = build_schedule(policy, branches(), 50, N)
+    table = schedule.table
+    full = [i for i in range(50) if table[i, 0] == StepKind.FULL]
+    # interval round(3 / (1.4 - 0.8 t/T)) outside the 20-40% window, 2 inside it
+    expected, step = [], 0
+    while step < 50:
+        expected.append(step)
+        progress = step / 50
+        step += 2 if 0.2 <= progress < 0.4 else round(3 / (1.4 - 0.8 * (1 - progress)))
+    assert full == expected
+    partial = [i for i in range(50) if i not in full]
+    assert all((table[i, 1:] == 0).all() for i in partial if i < 12)  # first quarter: reuse
+    assert all((table[i, 1::2] == 0).all() for i in partial)  # self-attention never partial
+    # last phase (t/T = 0.125): r = 0.07 * f_L * (1 + 2 * 0.75) * (1 + 0.6 * 2.5)
+    last = partial[-1]
+    for block in range(4):
+        f_l = 1 - 0.2 * (1 - 2 * block / 3)
+        r = min(1.0, 0.07 * f_l * 2.5 * 2.5)
+        assert table[last, 2 + 2 * block] == round(r * N / 8) * 8
+
+
+def test_toca_bounds_compiled_graphs():
+    for policy in [ToCa(), ToCa.dit_ddpm250(), ToCa.pixart(), DuCa(), FORA()]:
+        for steps in (20, 50, 250):
+            assert len(build_schedule(policy, branches(28), steps, N).plans()) <= 6
+
+
+def test_steps_past_plan_are_full():
+    schedule = build_schedule(FORA(interval=2), branches(), 4, N)
+    assert schedule.plan(7) == schedule.full_plan()
