@@ -98,9 +98,23 @@ def test_rising_timesteps_are_counted(dit):
     x = torch.randn(2, 4, 8, 8)
     for step, t in enumerate([0, 100, 200, 300]):
         model(**dit_inputs(x, t))
-        assert model._generations["default"].step == step
+        assert model._generations["default"].tracker.step == step
     model(**dit_inputs(x, 0))  # restart
-    assert model._generations["default"].step == 0
+    assert model._generations["default"].tracker.step == 0
+
+
+def test_scheduler_timestep_views_give_step_and_length(dit):
+    """`t.expand(batch)` over a scheduler array: index and length from metadata."""
+    model = cached(dit, FORA(interval=2))
+    x = torch.randn(2, 4, 8, 8)
+    timesteps = torch.arange(999, 0, -100)  # 10 steps
+    generation = None
+    for start in (0, 4):  # a full generation, then an img2img-style slice
+        for i, t in enumerate(timesteps[start:]):
+            model(hidden_states=x, timestep=t.expand(2), class_labels=torch.tensor([1, 2]))
+            generation = model._generations["default"]
+            assert generation.tracker.step == i
+        assert generation.num_steps == len(timesteps) - start
 
 
 def test_return_dict_both_ways(dit):
@@ -119,7 +133,7 @@ def test_batch_change_resets_cache(dit):
     model(**dit_inputs(x2, 999))
     model(**dit_inputs(x2, 900))  # a REUSE step for batch 2
     out = model(**dit_inputs(x4, 800)).sample  # new signature: FULL, never stale caches
-    assert model._generations["default"].step == 0
+    assert model._generations["default"].tracker.step == 0
     assert torch.equal(out, dit(**dit_inputs(x4, 800)).sample)
 
 

@@ -34,9 +34,11 @@ def test_dit_pipeline_no_cache_equals_original(dit_pipe):
     dit_pipe.transformer = tocache_fx.transform(original, NoCache(), compile=False)
     try:
         assert (run_dit(dit_pipe) == reference).all()
-        dit_pipe.transformer = tocache_fx.transform(original, ToCa(num_steps=6), compile=False)
+        dit_pipe.transformer = tocache_fx.transform(original, ToCa(), compile=False)
         images = run_dit(dit_pipe)
         assert images.shape == reference.shape and not (images == reference).all()
+        # the length came from the scheduler's timestep array, not a default
+        assert dit_pipe.transformer._generations["default"].num_steps == 6
         # CFG: the batch is [cond; uncond] in one call: 4 rows of 16 tokens
         assert dit_pipe.transformer.last_prepared().batch == 4
     finally:

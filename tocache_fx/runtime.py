@@ -5,17 +5,17 @@ and analyses the graph once per call signature (shapes, dtypes, constants), (3) 
 out the denoising step from the timestep sequence, (4) runs the compiled graph of that
 step's plan with the cache slots as extra inputs and stores the slots it returns.
 
-Step counting: a generation starts at the first call, after `reset()`, when the call
-signature changes (batch size, resolution, dtype: the caches are dropped, never mixed),
-or when the timestep sequence restarts: it repeats a timestep or moves against the
-direction of its first two steps, so both falling (DDPM, DDIM) and rising (1 - sigma)
-timesteps work. Reading the timestep's value is free for CPU tensors and one scalar
-device-to-host copy per step for accelerator tensors.
+Step counting (`tocache_fx/steps.py`): a generation starts at the first call, after
+`reset()`, when the call signature changes (batch size, resolution, dtype: the caches
+are dropped, never mixed), or when the timestep sequence restarts. In diffusers
+pipelines the timestep is a view into the scheduler's array, so the step index and the
+generation's length are read from tensor metadata without a device sync.
 
-Planned length: `policy.num_steps` if set, else the length of the previous generation
-in this cache context, else 50. Steps past the planned length run FULL (uncached); a
-shorter generation simply ends early. Either way every cached value comes from an
-earlier step of the same generation.
+Planned length: `policy.num_steps` if set, else the scheduler array's length when the
+timestep is such a view, else the previous generation's length in this cache context,
+else 50. Steps past the planned length run FULL (uncached); a shorter generation
+simply ends early. Either way every cached value comes from an earlier step of the
+same generation.
 
 Example:
     >>> model = CachedTransformer(dit, ToCa(interval=3), compile=False)   # doctest: +SKIP
@@ -39,6 +39,7 @@ from .errors import CacheStateError
 from .layout import CacheLayout, plan_layout
 from .policies import DuCa, Policy
 from .schedule import Schedule, build_schedule
+from .steps import StepTracker
 from .variants import StepGraph, build_step_graph
 
 __all__ = ["CachedTransformer", "DEFAULT_NUM_STEPS"]
@@ -62,47 +63,12 @@ class _Prepared:
 
 @dataclass
 class _Generation:
-    """Step counter and cache slots of one cache context."""
+    """Step tracker, planned length and cache slots of one cache context."""
 
-    signature: tuple | None = None
-    step: int = -1
-    first_timestep: float | None = None
-    last_timestep: float | None = None
-    direction: int = 0
+    tracker: StepTracker = field(default_factory=StepTracker)
     num_steps: int = DEFAULT_NUM_STEPS
-    last_length: int | None = None
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
-
-    def is_restart(self, signature: tuple, timestep: float | None) -> bool:
-        if self.step < 0 or signature != self.signature:
-            return True
-        if timestep is None:
-            return False
-        moved = (timestep > self.last_timestep) - (timestep < self.last_timestep)
-        return moved == 0 or (self.direction != 0 and moved != self.direction)
-
-    def advance(self, signature: tuple, timestep: float | None) -> bool:
-        """Count one call; returns True when it starts a new generation."""
-        restart = self.is_restart(signature, timestep)
-        if restart:
-            if self.step >= 0:
-                self.last_length = self.step + 1
-            self.signature, self.step, self.direction = signature, 0, 0
-            self.first_timestep = timestep
-            self.slots.clear()
-        else:
-            self.step += 1
-            if self.step == 1 and timestep is not None:
-                self.direction = (timestep > self.first_timestep) - (timestep < self.first_timestep)
-        self.last_timestep = timestep
-        return restart
-
-
-def _timestep_value(timestep: Any) -> float | None:
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
-    return float(timestep) if isinstance(timestep, (int, float)) else None
 
 
 def _token_grid(kwargs: dict[str, Any], config: Any, num_tokens: int) -> tuple[int, int] | None:
@@ -185,13 +151,15 @@ class CachedTransformer(torch.nn.Module):
         return_dict = True if return_dict is None else return_dict
         prepared, signature = self._prepare(bound)
         generation = self._generations.setdefault(self._context, _Generation())
-        if generation.advance(signature, _timestep_value(bound.get("timestep"))):
-            generation.num_steps = (getattr(self.policy, "num_steps", None)
-                                    or generation.last_length or DEFAULT_NUM_STEPS)
+        tracker = generation.tracker
+        if tracker.advance(signature, bound.get("timestep")):
+            generation.slots.clear()
+            generation.num_steps = (getattr(self.policy, "num_steps", None) or tracker.length_hint
+                                    or tracker.last_length or DEFAULT_NUM_STEPS)
             if isinstance(self.policy, DuCa):
                 generation.generator = torch.Generator(prepared.device).manual_seed(self.policy.seed)
         schedule, layout = self._schedule(prepared, generation.num_steps)
-        plan = schedule.plan(generation.step)
+        plan = schedule.plan(generation.tracker.step)
         step_graph, run = self._step_graph(prepared, plan, layout)
         inputs = prepared.captured.flatten(bound) + [
             self._slot(name, prepared, generation) for name in step_graph.reads]
@@ -209,8 +177,9 @@ class CachedTransformer(torch.nn.Module):
             return torch.rand(prepared.batch, tokens, generator=generation.generator,
                               device=prepared.device)
         if name not in generation.slots:
-            raise CacheStateError(f"cache slot {name!r} is empty at step {generation.step}: "
-                                  "the schedule must start with a FULL step")
+            raise CacheStateError(f"cache slot {name!r} is empty at step "
+                                  f"{generation.tracker.step}: the schedule must start with a "
+                                  "FULL step")
         return generation.slots[name]
 
     def _prepare(self, bound: dict[str, Any]) -> tuple[_Prepared, tuple]:
