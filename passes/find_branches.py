@@ -72,10 +72,6 @@ class Branch:
     def num_tokens(self) -> int:
         return self.skip.meta["val"].shape[1]
 
-    @property
-    def label(self) -> str:
-        return f"{self.block_path or 'block ' + str(self.block)}:{self.kind}"
-
 
 def _tensor_shape(node: object) -> tuple[int, ...] | None:
     val = node.meta.get("val") if isinstance(node, Node) else None

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 from tabulate import tabulate
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .schedule import StepKind
+from .variants import build_step_graph, fake_inputs
 
 __all__ = ["explain", "step_flops", "schedule_flops"]
 
@@ -36,20 +36,15 @@ def _plan_label(plan: tuple[int, ...], num_tokens: int) -> str:
 def step_flops(step_graph) -> int:
     """FLOPs of one run of a step graph, counted on fake tensors."""
     gm = step_graph.graph_module
-    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        inputs = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                  for v in vals]
-        with FlopCounterMode(display=False) as counter:
-            gm(*inputs)
+    inputs = fake_inputs(gm, mode)
+    with mode, FlopCounterMode(display=False) as counter:
+        gm(*inputs)
     return counter.get_total_flops()
 
 
 def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
     """FLOPs per distinct step plan and for the whole schedule of `cached`."""
-    from .variants import build_step_graph
-
     prepared = cached.last_prepared()
     schedule, layout = cached.schedule_for(num_steps)
     num_tokens = schedule.num_tokens

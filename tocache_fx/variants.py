@@ -28,7 +28,7 @@ from tocache_fx.passes.state import GraphState
 from .layout import CacheLayout
 from .schedule import StepKind
 
-__all__ = ["StepGraph", "build_step_graph"]
+__all__ = ["StepGraph", "build_step_graph", "fake_inputs"]
 
 
 @dataclass
@@ -59,16 +59,21 @@ def _is_impure(node: Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
-def _refresh_meta(gm: GraphModule) -> None:
-    """Recompute `meta["val"]` (and check every shape) with fake tensors."""
+def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:
+    """Fake tensors matching the graph's placeholders (slots described on "meta" take
+    the device of the model inputs)."""
     vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     device = next(v.device for v in vals if v.device.type != "meta")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        inputs = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
-                                      device=device if v.device.type == "meta" else v.device)
-                  for v in vals]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
+                                    device=device if v.device.type == "meta" else v.device)
+                for v in vals]
+
+
+def _refresh_meta(gm: GraphModule) -> None:
+    """Recompute `meta["val"]` (and check every shape) with fake tensors."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs(gm, mode))
 
 
 def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],

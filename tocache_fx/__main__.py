@@ -1,0 +1,28 @@
+"""Command line: `python -m tocache_fx bench [--quick] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tocache-fx")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="speed and quality of policies on the shipped DiT")
+    bench.add_argument("--quick", action="store_true", help="a few settings, 20 samples")
+    bench.add_argument("--per-class", type=int, default=None, help="samples per digit class")
+    bench.add_argument("--repeats", type=int, default=None, help="timed generations per setting")
+    bench.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args(argv)
+
+    from tocache_fx.bench import format_rows, run_bench, save
+
+    rows, images = run_bench(quick=args.quick, per_class=args.per_class, repeats=args.repeats)
+    print(format_rows(rows))
+    for path in save(rows, images, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
