@@ -42,3 +42,19 @@ def test_unsupported_model_error_at_first_call():
 def test_explain_before_first_call():
     with pytest.raises(CacheStateError, match="not been called"):
         tocache_fx.explain(tocache_fx.transform(make_dit(1), ToCa(), compile=False))
+
+
+class ResidualWithVarKwargs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, **extra):
+        return hidden_states + self.mlp(hidden_states) * extra["scale"]
+
+
+def test_var_keyword_arguments_reach_the_model():
+    module = ResidualWithVarKwargs().eval()
+    model = tocache_fx.transform(module, ToCa(), compile=False)
+    x = torch.randn(1, 4, 8)
+    assert torch.equal(model(x, scale=torch.tensor(2.0)), module(x, scale=torch.tensor(2.0)))

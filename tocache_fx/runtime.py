@@ -146,7 +146,7 @@ class CachedTransformer(torch.nn.Module):
         if self.training or self.original.training:
             raise CacheStateError("caching is for inference only: call .eval() on the model "
                                   "(training mode changes dropout and needs gradients)")
-        bound = self._forward_signature.bind(*args, **kwargs).arguments
+        bound = self._keyword_arguments(args, kwargs)
         return_dict = bound.pop("return_dict", True)
         return_dict = True if return_dict is None else return_dict
         prepared, signature = self._prepare(bound)
@@ -170,6 +170,22 @@ class CachedTransformer(torch.nn.Module):
         if not return_dict and hasattr(result, "to_tuple"):
             return result.to_tuple()
         return result
+
+    def _keyword_arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call as keyword arguments in the forward's parameter order."""
+        bound = self._forward_signature.bind(*args, **kwargs).arguments
+        flat: dict[str, Any] = {}
+        for name, value in bound.items():
+            kind = self._forward_signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                flat.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"{type(self.original).__name__}.forward takes *{name}; "
+                                    "pass those arguments by keyword")
+            else:
+                flat[name] = value
+        return flat
 
     def _slot(self, name: str, prepared: _Prepared, generation: _Generation) -> torch.Tensor:
         if name == "noise":
