@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--per-class", type=int, default=None, help="samples per digit class")
     bench.add_argument("--repeats", type=int, default=None, help="timed generations per setting")
     bench.add_argument("--out", type=Path, default=Path("bench_out"))
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from tocache_fx.bench import format_rows, run_bench, save
 
