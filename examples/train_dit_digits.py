@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from sklearn.datasets import load_digits
 
+from tocache_fx.sampling import NOISE_SCHEDULE
+
 NUM_CLASSES = 10
 
 
@@ -87,14 +89,7 @@ def build_model(args: argparse.Namespace) -> DiTTransformer2DModel:
 
 def build_scheduler(train_timesteps: int) -> DDPMScheduler:
     """The DiT training scheduler: linear betas 1e-4..0.02, epsilon prediction."""
-    return DDPMScheduler(
-        num_train_timesteps=train_timesteps,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDPMScheduler(num_train_timesteps=train_timesteps, **NOISE_SCHEDULE)
 
 
 def save(ema: DiTTransformer2DModel, args: argparse.Namespace, record: dict) -> None:

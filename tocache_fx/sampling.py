@@ -21,6 +21,9 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 MODEL_DIR = Path(__file__).resolve().parent / "models" / "dit-digits"
+NOISE_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                      prediction_type="epsilon", clip_sample=False)
+"""The DiT noise schedule the digits model was trained with (linear betas, epsilon)."""
 NULL_LABEL = 10
 """Class index of the unconditional ("dropped label") embedding of the digits DiT."""
 
@@ -35,7 +38,7 @@ def load_dit_digits(device: torch.device | str = "cpu") -> DiTTransformer2DModel
     >>> model.config.num_embeds_ada_norm
     10
     """
-    return DiTTransformer2DModel.from_pretrained(MODEL_DIR).to(device).eval()
+    return DiTTransformer2DModel.from_pretrained(MODEL_DIR, low_cpu_mem_usage=False).to(device).eval()
 
 
 def ddim_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
@@ -44,14 +47,7 @@ def ddim_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
     >>> ddim_scheduler().config.beta_schedule
     'linear'
     """
-    return DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDIMScheduler(num_train_timesteps=num_train_timesteps, **NOISE_SCHEDULE)
 
 
 @torch.no_grad()
