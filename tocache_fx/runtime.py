@@ -37,7 +37,7 @@ from tocache_fx.passes.find_branches import Branch, find_branches
 from .capture import CapturedGraph, call_signature, capture
 from .errors import CacheStateError
 from .layout import CacheLayout, plan_layout
-from .policies import DuCa, Policy
+from .policies import Policy
 from .schedule import Schedule, build_schedule
 from .steps import StepTracker
 from .variants import StepGraph, build_step_graph
@@ -156,8 +156,8 @@ class CachedTransformer(torch.nn.Module):
             generation.slots.clear()
             generation.num_steps = (getattr(self.policy, "num_steps", None) or tracker.length_hint
                                     or tracker.last_length or DEFAULT_NUM_STEPS)
-            if isinstance(self.policy, DuCa):
-                generation.generator = torch.Generator(prepared.device).manual_seed(self.policy.seed)
+            seed = getattr(self.policy, "seed", 0)  # random selections repeat per generation
+            generation.generator = torch.Generator(prepared.device).manual_seed(seed)
         schedule, layout = self._schedule(prepared, generation.num_steps)
         plan = schedule.plan(generation.tracker.step)
         step_graph, run = self._step_graph(prepared, plan, layout)
