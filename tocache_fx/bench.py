@@ -122,6 +122,7 @@ def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | N
     latency = {name: [] for name in runners}
     for _ in range(repeats):  # interleaved, so drift hits every setting alike
         for name, (setting, denoiser) in runners.items():
+            bar.set_postfix_str(name)
             latency[name].append(_timed(lambda: _generate(setting, denoiser, labels))[0])
             bar.update()
     bar.close()
