@@ -94,6 +94,7 @@ def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
     """The cache layout of `schedule` (see the module docstring)."""
     layout = CacheLayout(selection=_selection(policy, grid))
     n = schedule.num_tokens
+    any_partial = False
     for plan in schedule.plans():
         if plan[0] == StepKind.AGGRESSIVE:
             layout.stream = True
@@ -104,16 +105,15 @@ def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
             if k < n:
                 layout.cached.add(branch.index)
             if 0 < k < n:
+                any_partial = True
                 source = _score_branch(policy, branches, branch)
                 if source is not None:
                     layout.score_source[branch.index] = source[0].index
                     layout.scores[source[0].index] = source[1]
                 if layout.selection.staleness_weight:
                     layout.staleness.add(branch.index)
-    partial = {b for plan in schedule.plans() if plan[0] == StepKind.PARTIAL
-               for b, k in enumerate(plan[1:]) if 0 < k < n}
     selection = layout.selection
-    if partial and selection.noise == "none" and not layout.score_source \
+    if any_partial and selection.noise == "none" and not layout.score_source \
             and not selection.staleness_weight:
         layout.selection = TokenSelection(**{**selection.__dict__, "noise": "random"})
     return layout
