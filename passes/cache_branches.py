@@ -10,7 +10,9 @@ Ensures: for every branch with `k_b`
     so the branch becomes dead code;
   * `0 < k_b < N` (PARTIAL): `select_tokens` picks k tokens, the branch is cloned to
     run on the gathered `[B, k, C]` input (token sizes in reshapes edited to k), and
-    `scatter_tokens` writes the result into `cache.b`, which the gate then reads.
+    `scatter_tokens` writes the result into `cache.b`, which the gate then reads. An
+    `attention_mlp` branch (single-stream block) reads its attention output from slot
+    `attn.b`, stored at the last FULL step, gathered at the same tokens.
 The current step's gate is always re-applied to the cached value. Inserted nodes
 carry `meta["tocache"]` naming their role and branch.
 
@@ -69,6 +71,8 @@ def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int,
 def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
                 state: GraphState) -> None:
     state.write(f"cache.{branch.index}", by_name[branch.output.name])
+    if branch.index in layout.attention:
+        state.write(f"attn.{branch.index}", by_name[branch.reused_attention.name])
     if branch.index in layout.staleness:
         skip = by_name[branch.skip.name]
         with skip.graph.inserting_after(skip):
@@ -102,7 +106,7 @@ def _select(branch: Branch, k: int, skip: Node, layout: CacheLayout, state: Grap
     if branch.index in layout.staleness:
         kwargs["staleness"] = state.read(f"stale.{branch.index}", batch_tokens)
     if selection.noise != "none":
-        kwargs["noise"] = state.read("noise", batch_tokens)
+        kwargs["noise"] = state.read("noise.{}x{}".format(*batch_tokens.shape), batch_tokens)
     if selection.noise == "similarity":
         kwargs["similarity_to"] = skip
         kwargs["similarity_base"] = selection.similarity_base
@@ -118,8 +122,16 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
     with graph.inserting_before(consumer):
         idx = _tag(_select(branch, k, skip, layout, state), "select", branch)
         env = {skip: _tag(graph.call_function(ops.gather_tokens, (skip, idx)), "gather", branch)}
+        attention = branch.reused_attention
+        if attention is not None:
+            cached = state.read(f"attn.{branch.index}", slot_example(attention))
+            gathered = graph.call_function(ops.gather_tokens,
+                                           (cached, idx, branch.token_axes[attention]))
+            env[by_name[attention.name]] = _tag(gathered, "gather", branch)
         for old in branch.nodes:
             node = by_name[old.name]
+            if node in env or old not in branch.token_axes:
+                continue
             clone = graph.node_copy(node, lambda n: env.get(n, n))
             if node.target in SIZE_ARG_OPS:
                 sizes = list(clone.args[1])

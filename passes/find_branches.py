@@ -53,7 +53,7 @@ class Branch:
     index: int
     block: int
     block_path: str
-    kind: str  # "self_attention" | "cross_attention" | "mlp"
+    kind: str  # "self_attention" | "cross_attention" | "mlp" | "attention_mlp"
     add: Node
     skip: Node  # the residual stream entering the branch; the branch reads it
     output: Node  # f: the branch value before the gate, what the cache holds
@@ -63,6 +63,8 @@ class Branch:
     nodes: list[Node] = field(repr=False)  # between skip and output, in graph order
     token_axes: dict[Node, object] | None = field(repr=False, default=None)
     partial_reason: str | None = None  # None: PARTIAL-able (token-wise)
+    # attention_mlp: the attention whose output PARTIAL steps reuse (cached at FULL steps)
+    reused_attention: Node | None = field(repr=False, default=None)
 
     @property
     def partial_ok(self) -> bool:
@@ -192,10 +194,48 @@ def find_branches(gm: GraphModule, model_name: str = "model") -> list[Branch]:
     return branches
 
 
+def _live_nodes(branch: Branch, barrier: Node) -> list[Node]:
+    """The branch nodes its output depends on without looking behind `barrier`."""
+    inside, live, stack = set(branch.nodes), set(), [branch.output]
+    while stack:
+        node = stack.pop()
+        if node in live or node not in inside:
+            continue
+        live.add(node)
+        if node is not barrier:
+            stack.extend(node.all_input_nodes)
+    return [n for n in branch.nodes if n in live]
+
+
+def _mark_attention_mlp(branch: Branch) -> None:
+    """Single-stream blocks compute attention and an MLP in parallel from one input:
+    `f = proj(cat(attention(x), mlp(x)))`. Such a branch is PARTIAL-able with the
+    attention output reused from the last FULL step and the rest run on chosen tokens."""
+    branch.partial_reason = "self-attention (never partial, as in ToCa)"
+    attention = branch.attention
+    if attention is None:
+        return
+    live = _live_nodes(branch, attention)
+    parallel = [n for n in live if n.target in _HEAVY_OPS and n is not attention
+                and attention not in _ancestors(n)]
+    out, skip = _tensor_shape(attention), _tensor_shape(branch.skip)
+    if not parallel or out is None or (out[0], out[-2]) != skip[:2]:
+        return
+    try:
+        axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2})
+    except NotTokenWise as error:
+        branch.partial_reason = f"attention with a parallel MLP, but {error}"
+        return
+    if axes.get(branch.output) != 1:
+        return
+    branch.kind, branch.partial_reason = "attention_mlp", None
+    branch.token_axes, branch.reused_attention = axes, attention
+
+
 def _mark_partial(branch: Branch) -> None:
     """Record whether the branch can run on a gathered subset of its tokens."""
     if branch.kind == "self_attention":
-        branch.partial_reason = "self-attention (never partial, as in ToCa)"
+        _mark_attention_mlp(branch)
         return
     try:
         axes = token_axes(branch.nodes, branch.skip, axis=1)

@@ -76,16 +76,18 @@ def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> 
     return None
 
 
-def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1) -> dict[Node, object]:
+def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1,
+               cached: dict[Node, int] | None = None) -> dict[Node, object]:
     """Token axis of every node of a branch (`nodes`, in graph order).
 
-    Values are an int, or a tuple of ints/None for ops returning several tensors.
-    Raises `NotTokenWise` naming the first op that mixes tokens.
+    `cached` maps nodes whose values come from a cache (gathered per token, not
+    computed) to their token axis. Values are an int, or a tuple of ints/None for ops
+    returning several tensors. Raises `NotTokenWise` naming the first op that mixes tokens.
     """
-    axes: dict[Node, object] = {branch_input: axis}
+    axes: dict[Node, object] = {branch_input: axis, **(cached or {})}
     num_tokens = _shape(branch_input)[axis]
     for node in nodes:
-        if node is branch_input:
+        if node in axes:
             continue
         carried = [a for a in node.all_input_nodes if a in axes]
         if not carried:

@@ -22,7 +22,7 @@ def setup(policy, num_layers=3, steps=10):
     inputs = dit_inputs(torch.randn(2, 4, 8, 8), 500)
     captured = capture(model, inputs)
     branches = find_branches(captured.graph_module)
-    schedule = build_schedule(policy, branches, steps, branches[0].num_tokens)
+    schedule = build_schedule(policy, branches, steps)
     layout = plan_layout(policy, schedule, branches, grid=(4, 4))
     return model, inputs, captured, branches, schedule, layout
 
@@ -44,7 +44,7 @@ def test_partial_plan_has_one_gather_compute_scatter_per_partial_branch():
     partial = sum(b.partial_ok for b in branches)
     assert count[ops.select_tokens] == count[ops.gather_tokens] == partial
     assert count[ops.scatter_tokens] == partial
-    assert sorted(step.reads) == sorted(["noise"] + [f"cache.{b.index}" for b in branches])
+    assert sorted(step.reads) == sorted(["noise.2x16"] + [f"cache.{b.index}" for b in branches])
     assert sorted(step.writes) == sorted(
         ["stream"] + [f"cache.{b.index}" for b in branches if b.partial_ok])
     # only the MLPs run (2 linears each, on 8 of 16 tokens); attention is reused

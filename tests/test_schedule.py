@@ -11,8 +11,9 @@ def branches(num_blocks: int = 4):
     out = []
     for block in range(num_blocks):
         out.append(SimpleNamespace(index=len(out), block=block, kind="self_attention",
-                                   partial_ok=False))
-        out.append(SimpleNamespace(index=len(out), block=block, kind="mlp", partial_ok=True))
+                                   partial_ok=False, num_tokens=N))
+        out.append(SimpleNamespace(index=len(out), block=block, kind="mlp", partial_ok=True,
+                                   num_tokens=N))
     return out
 
 
@@ -20,19 +21,18 @@ N = 256
 
 
 def test_no_cache_is_all_full():
-    table = build_schedule(NoCache(), branches(), 7, N).table
+    table = build_schedule(NoCache(), branches(), 7).table
     assert (table[:, 0] == StepKind.FULL).all() and (table[:, 1:] == N).all()
 
 
 def test_fora_alternates_full_and_reuse():
-    table = build_schedule(FORA(interval=3), branches(), 7, N).table
+    table = build_schedule(FORA(interval=3), branches(), 7).table
     assert table[:, 0].tolist() == [0, 1, 1, 0, 1, 1, 0]
     assert (table[[1, 2, 4, 5], 1:] == 0).all() and (table[[0, 3, 6], 1:] == N).all()
 
 
 def test_duca_cycle_full_conservative_aggressive():
-    table = build_schedule(DuCa(interval=5, cache_ratio=0.9, token_bucket=1), branches(), 10,
-                           N).table
+    table = build_schedule(DuCa(interval=5, cache_ratio=0.9, token_bucket=1), branches(), 10).table
     assert table[:, 0].tolist() == [0, 1, 2, 1, 2] * 2
     conservative = table[1, 1:].tolist()
     assert conservative[0::2] == [0] * 4  # self-attention reused
@@ -41,13 +41,13 @@ def test_duca_cycle_full_conservative_aggressive():
 
 @pytest.mark.parametrize("policy", [FORA(interval=1), ToCa(interval=1), DuCa(interval=1)])
 def test_interval_one_never_caches(policy):
-    table = build_schedule(policy, branches(), 12, N).table
+    table = build_schedule(policy, branches(), 12).table
     assert (table[:, 0] == StepKind.FULL).all()
 
 
 def test_toca_dit_ddim50_full_steps_and_fractions():
     policy = ToCa()  # DiT DDIM-50 defaults
-    schedule = build_schedule(policy, branches(), 50, N)
+    schedule = build_schedule(policy, branches(), 50)
     table = schedule.table
     full = [i for i in range(50) if table[i, 0] == StepKind.FULL]
     # interval round(3 / (1.4 - 0.8 t/T)) outside the 20-40% window, 2 inside it
@@ -71,9 +71,9 @@ def test_toca_dit_ddim50_full_steps_and_fractions():
 def test_toca_bounds_compiled_graphs():
     for policy in [ToCa(), ToCa.dit_ddpm250(), ToCa.pixart(), DuCa(), FORA()]:
         for steps in (20, 50, 250):
-            assert len(build_schedule(policy, branches(28), steps, N).plans()) <= 6
+            assert len(build_schedule(policy, branches(28), steps).plans()) <= 6
 
 
 def test_steps_past_plan_are_full():
-    schedule = build_schedule(FORA(interval=2), branches(), 4, N)
+    schedule = build_schedule(FORA(interval=2), branches(), 4)
     assert schedule.plan(7) == schedule.full_plan()

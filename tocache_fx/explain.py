@@ -23,10 +23,10 @@ from .variants import build_step_graph, fake_inputs
 __all__ = ["explain", "step_flops", "schedule_flops"]
 
 
-def _plan_label(plan: tuple[int, ...], num_tokens: int) -> str:
+def _plan_label(plan: tuple[int, ...], branch_tokens: tuple[int, ...]) -> str:
     kind = StepKind(plan[0])
     if kind is StepKind.PARTIAL:
-        ks = [k for k in plan[1:] if 0 < k < num_tokens]
+        ks = [k for k, n in zip(plan[1:], branch_tokens) if 0 < k < n]
         if not ks:
             return "REUSE"
         return f"PARTIAL(k={min(ks)}..{max(ks)})" if min(ks) != max(ks) else f"PARTIAL(k={ks[0]})"
@@ -47,7 +47,6 @@ def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
     """FLOPs per distinct step plan and for the whole schedule of `cached`."""
     prepared = cached.last_prepared()
     schedule, layout = cached.schedule_for(num_steps)
-    num_tokens = schedule.num_tokens
     full_plan = schedule.full_plan()
     per_plan, counts = {}, Counter(schedule.plan(i) for i in range(schedule.num_steps))
     uncached = step_flops(build_step_graph(prepared.captured.graph_module, prepared.branches,
@@ -59,7 +58,7 @@ def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
     return {"schedule": schedule, "per_plan": per_plan, "counts": counts,
             "uncached_step": uncached, "total": total,
             "speedup": uncached * schedule.num_steps / total if total else float("inf"),
-            "labels": {plan: _plan_label(plan, num_tokens) for plan in per_plan}}
+            "labels": {plan: _plan_label(plan, schedule.branch_tokens) for plan in per_plan}}
 
 
 def explain(cached, num_steps: int | None = None) -> str:

@@ -45,28 +45,42 @@ class CacheLayout:
 
     cached: set[int] = field(default_factory=set)  # branch values reused later
     staleness: set[int] = field(default_factory=set)  # per-token counters
+    attention: set[int] = field(default_factory=set)  # attention_mlp: attention outputs
     score_source: dict[int, int] = field(default_factory=dict)  # partial -> scoring branch
     scores: dict[int, str] = field(default_factory=dict)  # scoring branch -> score kind
     stream: bool = False  # DuCa: the last block's output
     selection: TokenSelection = field(default_factory=TokenSelection)
 
 
-def _block_branch(branches: Sequence, block: int, kind: str):
-    return next((b for b in branches if b.block == block and b.kind == kind
+def _block_branch(branches: Sequence, block: int, *kinds: str):
+    return next((b for b in branches if b.block == block and b.kind in kinds
                  and b.attention is not None), None)
 
 
 def _score_branch(policy: Policy, branches: Sequence, branch) -> tuple[object, str] | None:
-    """The attention branch whose FULL-step map scores `branch`'s tokens, and how."""
+    """The attention branch whose FULL-step map scores `branch`'s tokens, and how; None
+    also when that attention's tokens are not the branch's (joint text+image attention
+    scores more tokens than one stream has)."""
+    found = _score_source(policy, branches, branch)
+    if found is None:
+        return None
+    source, kind = found
+    query, key = source.attention.args[:2]
+    scored = (query if kind == "entropy" else key).meta["val"].shape
+    wanted = branch.skip.meta["val"].shape
+    return found if (scored[0], scored[-2]) == (wanted[0], wanted[1]) else None
+
+
+def _score_source(policy: Policy, branches: Sequence, branch) -> tuple[object, str] | None:
     if isinstance(policy, DuCa):
         if policy.selection != "vnorm":
             return None
-        source = _block_branch(branches, branch.block, "self_attention")
+        source = _block_branch(branches, branch.block, "self_attention", "attention_mlp")
         return (source, "vnorm") if source else None
     if not isinstance(policy, ToCa) or policy.attention_score == "none":
         return None
     cross = _block_branch(branches, branch.block, "cross_attention")
-    self_ = _block_branch(branches, branch.block, "self_attention")
+    self_ = _block_branch(branches, branch.block, "self_attention", "attention_mlp")
     wanted = policy.attention_score
     if wanted == "cross" or (wanted == "auto" and cross is not None):
         return (cross, "entropy") if cross else None
@@ -93,7 +107,6 @@ def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
                 grid: tuple[int, int] | None = None) -> CacheLayout:
     """The cache layout of `schedule` (see the module docstring)."""
     layout = CacheLayout(selection=_selection(policy, grid))
-    n = schedule.num_tokens
     any_partial = False
     for plan in schedule.plans():
         if plan[0] == StepKind.AGGRESSIVE:
@@ -102,10 +115,12 @@ def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
         if plan[0] != StepKind.PARTIAL:
             continue
         for branch, k in zip(branches, plan[1:]):
-            if k < n:
+            if k < branch.num_tokens:
                 layout.cached.add(branch.index)
-            if 0 < k < n:
+            if 0 < k < branch.num_tokens:
                 any_partial = True
+                if branch.reused_attention is not None:
+                    layout.attention.add(branch.index)
                 source = _score_branch(policy, branches, branch)
                 if source is not None:
                     layout.score_source[branch.index] = source[0].index

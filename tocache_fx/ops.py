@@ -27,8 +27,10 @@ def _token_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return idx.view(shape).expand((idx.shape[0], idx.shape[1]) + tuple(like.shape[2:]))
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Tokens `idx` ([B, k]) of `x` ([B, N, ...]) -> [B, k, ...]."""
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Tokens `idx` ([B, k]) of `x` ([B, N, ...], tokens along `axis`) -> [B, k, ...]."""
+    if axis != 1:
+        return gather_tokens(x.movedim(axis, 1), idx).movedim(1, axis)
     return x.gather(1, _token_index(idx, x))
 
 

@@ -95,6 +95,8 @@ class FORA(Policy):
 
 
 FullSchedule = Literal["dit", "pixart", "flux", "fixed"]
+BranchKind = Literal["self_attention", "cross_attention", "mlp"]
+BRANCH_KINDS = ("self_attention", "cross_attention", "mlp")
 ScoreSource = Literal["auto", "self", "cross", "none"]
 
 
@@ -115,7 +117,9 @@ class ToCa(Policy):
     `time_phases` (partial steps are grouped in this many phases of constant k, which
     bounds the number of compiled graphs), `token_bucket` (k rounded to a multiple),
     `share_cfg_selection` (an even batch is [uncond; cond]: both halves recompute the
-    same tokens), `query_chunk` (queries per chunk when scoring attention).
+    same tokens), `query_chunk` (queries per chunk when scoring attention),
+    `module_intervals` (per branch kind, its own FULL cycle inside partial steps, e.g.
+    `(("cross_attention", 6),)`, as the OpenSora configuration uses).
 
     Example:
         >>> ToCa.pixart()
@@ -139,9 +143,15 @@ class ToCa(Policy):
     token_bucket: int = 8
     share_cfg_selection: bool = True
     query_chunk: int = 256
+    module_intervals: tuple[tuple[BranchKind, int], ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "module_intervals",
+                           tuple(tuple(pair) for pair in self.module_intervals))
+        for kind, interval in self.module_intervals:
+            _check_choice("module_intervals kind", kind, BRANCH_KINDS)
+            _check_int(f"module_intervals[{kind!r}]", interval, 1)
         _check_int("interval", self.interval, 1)
         _check_float("cache_ratio", self.cache_ratio, 0.0, 1.0)
         for name in ("depth_weight", "time_weight", "type_weight", "attention_weight",
@@ -171,6 +181,24 @@ class ToCa(Policy):
         return cls(**{"interval": 3, "cache_ratio": 0.7, "depth_weight": 0.6,
                       "time_weight": -0.9, "full_schedule": "pixart", "attention_score": "cross",
                       "grid_size": 4, "grid_bonus": 0.4, **overrides})
+
+    @classmethod
+    def flux(cls, **overrides: Any) -> ToCa:
+        """FLUX, 50 steps: N=5, R=90% (MLPs recompute 15% of tokens in the first block
+        down to 5% in the last), w_L=0.5, w_T=0, steps 0-2 FULL, no grid bonus."""
+        return cls(**{"interval": 5, "cache_ratio": 0.9, "depth_weight": 0.5,
+                      "time_weight": 0.0, "type_weight": 0.0, "full_schedule": "flux", "grid_bonus": 0.0,
+                      **overrides})
+
+    @classmethod
+    def opensora(cls, **overrides: Any) -> ToCa:
+        """OpenSora rflow-30: r0=0.1 and MLPs recompute 15% (R=85%), cycles attention 3,
+        cross-attention 6, MLP 3, s2 scores, no grid bonus."""
+        return cls(**{"interval": 6, "cache_ratio": 0.9, "depth_weight": 0.0,
+                      "time_weight": 0.0, "type_weight": 0.5 / 0.6, "full_schedule": "fixed", "attention_score": "cross",
+                      "grid_bonus": 0.0, "module_intervals": (
+                          ("self_attention", 3), ("cross_attention", 6), ("mlp", 3)),
+                      **overrides})
 
 
 Selection = Literal["random", "vnorm", "similarity"]

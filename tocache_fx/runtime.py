@@ -188,10 +188,9 @@ class CachedTransformer(torch.nn.Module):
         return flat
 
     def _slot(self, name: str, prepared: _Prepared, generation: _Generation) -> torch.Tensor:
-        if name == "noise":
-            tokens = prepared.branches[0].num_tokens
-            return torch.rand(prepared.batch, tokens, generator=generation.generator,
-                              device=prepared.device)
+        if name.startswith("noise."):  # "noise.<batch>x<tokens>"
+            shape = tuple(int(size) for size in name.split(".")[1].split("x"))
+            return torch.rand(shape, generator=generation.generator, device=prepared.device)
         if name not in generation.slots:
             raise CacheStateError(f"cache slot {name!r} is empty at step "
                                   f"{generation.tracker.step}: the schedule must start with a "
@@ -212,8 +211,7 @@ class CachedTransformer(torch.nn.Module):
 
     def _schedule(self, prepared: _Prepared, num_steps: int) -> tuple[Schedule, CacheLayout]:
         if num_steps not in prepared.plans:
-            schedule = build_schedule(self.policy, prepared.branches, num_steps,
-                                      prepared.branches[0].num_tokens)
+            schedule = build_schedule(self.policy, prepared.branches, num_steps)
             layout = plan_layout(self.policy, schedule, prepared.branches, prepared.grid)
             prepared.plans[num_steps] = (schedule, layout)
         return prepared.plans[num_steps]

@@ -1,12 +1,14 @@
 """Policies to schedule tensors: for each denoising step, the step kind and, for each
 branch, how many tokens it recomputes.
 
-`table[step] = [kind, k_0, ..., k_{B-1}]` with `kind` a `StepKind` and `k_b = N` (all
-tokens: compute and store), `0` (reuse the cache) or anything in between (PARTIAL:
-gather, compute and scatter `k_b` tokens). Each distinct row is one compiled graph.
+`table[step] = [kind, k_0, ..., k_{B-1}]` with `kind` a `StepKind` and `k_b = N_b` (all
+of branch b's tokens: compute and store), `0` (reuse the cache) or anything in between
+(PARTIAL: gather, compute and scatter `k_b` tokens). Branches may see different token
+counts `N_b` (the text and image streams of joint attention, the spatial and temporal
+blocks of a video DiT). Each distinct row is one compiled graph.
 
 Example:
-    >>> schedule = build_schedule(FORA(interval=2), branches, num_steps=4, num_tokens=16)  # doctest: +SKIP
+    >>> schedule = build_schedule(FORA(interval=2), branches, num_steps=4)  # doctest: +SKIP
     >>> schedule.table
     tensor([[ 0, 16, 16],
             [ 1,  0,  0],
@@ -40,14 +42,14 @@ class Schedule:
     """The per-step plan of one generation (see the module docstring)."""
 
     table: torch.Tensor
-    num_tokens: int
+    branch_tokens: tuple[int, ...]  # N_b, the tokens branch b computes at a FULL step
 
     @property
     def num_steps(self) -> int:
         return self.table.shape[0]
 
     def full_plan(self) -> Plan:
-        return (int(StepKind.FULL),) + (self.num_tokens,) * (self.table.shape[1] - 1)
+        return (int(StepKind.FULL),) + self.branch_tokens
 
     def plan(self, step: int) -> Plan:
         """The row for `step`; steps past the planned length are FULL (uncached)."""
@@ -70,15 +72,15 @@ def _builder(policy_type: type[Policy]) -> Callable:
     return register
 
 
-def build_schedule(policy: Policy, branches: Sequence, num_steps: int, num_tokens: int) -> Schedule:
+def build_schedule(policy: Policy, branches: Sequence, num_steps: int) -> Schedule:
     """The schedule tensor of `policy` for a generation of `num_steps` steps."""
-    rows = _BUILDERS[type(policy)](policy, branches, num_steps, num_tokens)
+    rows = _BUILDERS[type(policy)](policy, branches, num_steps)
     return Schedule(torch.tensor(rows, dtype=torch.int32).view(num_steps, 1 + len(branches)),
-                    num_tokens)
+                    tuple(b.num_tokens for b in branches))
 
 
-def _full(branches: Sequence, num_tokens: int) -> Plan:
-    return (int(StepKind.FULL),) + (num_tokens,) * len(branches)
+def _full(branches: Sequence) -> Plan:
+    return (int(StepKind.FULL),) + tuple(b.num_tokens for b in branches)
 
 
 def _bucket(fraction: float, num_tokens: int, bucket: int) -> int:
@@ -87,14 +89,14 @@ def _bucket(fraction: float, num_tokens: int, bucket: int) -> int:
 
 
 @_builder(NoCache)
-def _no_cache(policy: NoCache, branches: Sequence, num_steps: int, num_tokens: int) -> list[Plan]:
-    return [_full(branches, num_tokens)] * num_steps
+def _no_cache(policy: NoCache, branches: Sequence, num_steps: int) -> list[Plan]:
+    return [_full(branches)] * num_steps
 
 
 @_builder(FORA)
-def _fora(policy: FORA, branches: Sequence, num_steps: int, num_tokens: int) -> list[Plan]:
+def _fora(policy: FORA, branches: Sequence, num_steps: int) -> list[Plan]:
     reuse = (int(StepKind.PARTIAL),) + (0,) * len(branches)
-    return [_full(branches, num_tokens) if step % policy.interval == 0 else reuse
+    return [_full(branches) if step % policy.interval == 0 else reuse
             for step in range(num_steps)]
 
 
@@ -125,7 +127,7 @@ def toca_fraction(policy: ToCa, branch, num_blocks: int, remaining: float) -> fl
     depth = 1 + policy.depth_weight * (1 - 2 * branch.block / (num_blocks - 1)) \
         if num_blocks > 1 else 1.0
     time = 1 + policy.time_weight * (1 - 2 * remaining)
-    if branch.kind == "mlp":
+    if branch.kind in ("mlp", "attention_mlp"):
         kind = 1 + policy.mlp_share * policy.type_weight
     else:
         kind = 1 - (1 - policy.mlp_share) * policy.type_weight
@@ -133,29 +135,38 @@ def toca_fraction(policy: ToCa, branch, num_blocks: int, remaining: float) -> fl
 
 
 @_builder(ToCa)
-def _toca(policy: ToCa, branches: Sequence, num_steps: int, num_tokens: int) -> list[Plan]:
+def _toca(policy: ToCa, branches: Sequence, num_steps: int) -> list[Plan]:
     num_blocks = max(b.block for b in branches) + 1
     phases = policy.time_phases
     phase_rows = []
     for phase in range(phases):
         remaining = 1 - (phase + 0.5) / phases
         phase_rows.append((int(StepKind.PARTIAL),) + tuple(
-            _bucket(toca_fraction(policy, b, num_blocks, remaining), num_tokens,
+            _bucket(toca_fraction(policy, b, num_blocks, remaining), b.num_tokens,
                     policy.token_bucket) for b in branches))
     full = _toca_full_steps(policy, num_steps)
-    return [_full(branches, num_tokens) if full[step]
-            else phase_rows[min(phases - 1, step * phases // num_steps)]
-            for step in range(num_steps)]
+    own_cycle = dict(policy.module_intervals)
+    rows = []
+    for step in range(num_steps):
+        if full[step]:
+            rows.append(_full(branches))
+            continue
+        row = phase_rows[min(phases - 1, step * phases // num_steps)]
+        rows.append(row[:1] + tuple(
+            b.num_tokens if b.kind in own_cycle and step % own_cycle[b.kind] == 0 else k
+            for b, k in zip(branches, row[1:])))
+    return rows
 
 
 @_builder(DuCa)
-def _duca(policy: DuCa, branches: Sequence, num_steps: int, num_tokens: int) -> list[Plan]:
-    k = _bucket(1 - policy.cache_ratio, num_tokens, policy.token_bucket)
-    conservative = (int(StepKind.PARTIAL),) + tuple(k if b.partial_ok else 0 for b in branches)
+def _duca(policy: DuCa, branches: Sequence, num_steps: int) -> list[Plan]:
+    conservative = (int(StepKind.PARTIAL),) + tuple(
+        _bucket(1 - policy.cache_ratio, b.num_tokens, policy.token_bucket) if b.partial_ok else 0
+        for b in branches)
     aggressive = (int(StepKind.AGGRESSIVE),) + (0,) * len(branches)
     rows = []
     for step in range(num_steps):
         offset = step % policy.interval
-        rows.append(_full(branches, num_tokens) if offset == 0
+        rows.append(_full(branches) if offset == 0
                     else conservative if offset % 2 == 1 else aggressive)
     return rows
