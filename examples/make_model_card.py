@@ -1,4 +1,9 @@
-"""Sample grid and judge scores for the model card of the shipped digits DiT.
+"""Sample grid and judge scores for the model card of a shipped digits model.
+
+``--model dit`` (the default) is the class-conditional DiT in
+``tocache_fx/models/dit-digits`` sampled with DDIM; ``--model flux`` is the tiny
+FLUX-style transformer in ``tocache_fx/models/flux-digits`` sampled with
+flow-matching Euler steps (``--num-steps`` defaults to 50 and 28 respectively).
 
 Writes ``samples.png`` (one row per class 0..9, ``--per-class`` samples each) and
 ``evaluation.json`` (judge class accuracy and Fréchet distance of ``--num-eval``
@@ -7,6 +12,7 @@ generated samples, next to the real-data references) into ``--out``.
 Example::
 
     python examples/make_model_card.py --guidance-scale 4 --num-eval 500
+    python examples/make_model_card.py --model flux --guidance-scale 4 --num-eval 500
 """
 
 from __future__ import annotations
@@ -25,21 +31,36 @@ import torch  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
 from tocache_fx.metrics import DigitsJudge  # noqa: E402
-from tocache_fx.sampling import MODEL_DIR, sample_digits  # noqa: E402
+from tocache_fx.sampling import (  # noqa: E402
+    FLUX_GUIDANCE_SCALE,
+    FLUX_MODEL_DIR,
+    MODEL_DIR,
+    sample_digits,
+    sample_flux_digits,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--model", choices=["dit", "flux"], default="dit")
+    p.add_argument("--model-dir", type=Path, default=None, help="defaults to the shipped one")
     p.add_argument("--out", type=Path, default=None, help="defaults to --model-dir")
-    p.add_argument("--num-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (dit 50, flux 28)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="dit 4.0, flux its default")
     p.add_argument("--per-class", type=int, default=8, help="grid columns")
     p.add_argument("--num-eval", type=int, default=500, help="samples scored by the judge")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flux = args.model == "flux"
+    if args.model_dir is None:
+        args.model_dir = FLUX_MODEL_DIR if flux else MODEL_DIR
+    if args.num_steps is None:
+        args.num_steps = 28 if flux else 50
+    if args.guidance_scale is None:
+        args.guidance_scale = FLUX_GUIDANCE_SCALE if flux else 4.0
+    return args
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4, pad: int = 2) -> None:
@@ -60,8 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.model_dir
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    model = DiTTransformer2DModel.from_pretrained(args.model_dir).eval()
-    sample = lambda labels, **kw: sample_digits(  # noqa: E731
+    if args.model == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel.from_pretrained(args.model_dir).eval()
+        sampler = sample_flux_digits
+    else:
+        model = DiTTransformer2DModel.from_pretrained(args.model_dir).eval()
+        sampler = sample_digits
+    sample = lambda labels, **kw: sampler(  # noqa: E731
         model, labels, num_steps=args.num_steps, guidance_scale=args.guidance_scale, **kw
     )
 
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     judge = DigitsJudge()
     result = {
+        **({"model": "flux", "sampler": "FlowMatchEulerDiscreteScheduler"} if args.model == "flux" else {}),
         "num_samples": args.num_eval,
         "num_steps": args.num_steps,
         "guidance_scale": args.guidance_scale,
