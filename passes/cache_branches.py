@@ -94,9 +94,12 @@ def _reuse(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
 
 def _select(branch: Branch, k: int, skip: Node, layout: CacheLayout, state: GraphState) -> Node:
     selection = layout.selection
+    grid = selection.grid  # the image token grid, for branches over exactly those tokens
+    if grid is not None and grid[0] * grid[1] != branch.num_tokens:
+        grid = None
     kwargs: dict[str, object] = {
         "score_weight": selection.score_weight, "staleness_weight": selection.staleness_weight,
-        "interval": selection.interval, "grid": selection.grid, "grid_size": selection.grid_size,
+        "interval": selection.interval, "grid": grid, "grid_size": selection.grid_size,
         "grid_bonus": selection.grid_bonus, "share_halves": selection.share_halves,
     }
     batch_tokens = _staleness_example(branch)

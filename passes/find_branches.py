@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from tocache_fx.errors import UnsupportedModelError
+from tocache_fx.opaque import OPAQUE_OP
 
 from .token_axis import NotTokenWise, token_axes
 
@@ -36,6 +37,7 @@ ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 _HEAVY_OPS = ATTENTION_OPS | {
     aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default,
     aten.addmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+    OPAQUE_OP,  # a submodule run eagerly (tocache_fx.opaque), e.g. a mixture of experts
 }
 # Single-input ops that may sit between the cached value and the residual add.
 _POST_VIEWS = {
@@ -105,6 +107,19 @@ def _between(skip: Node, y: Node, order: dict[Node, int]) -> list[Node] | None:
     return sorted(seen, key=order.__getitem__)
 
 
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+          aten.alias.default}
+
+
+def _strip_casts(node: object) -> object:
+    """The residual stream behind dtype casts and copies (`x.float() + f(x.float())`
+    reads the stream through two separate casts)."""
+    while isinstance(node, Node) and node.target in _CASTS and isinstance(node.args[0], Node) \
+            and _tensor_shape(node.args[0]) == _tensor_shape(node):
+        node = node.args[0]
+    return node
+
+
 def _split_output(y: Node, inside: set[Node]) -> tuple[Node, Node | None, Node | None]:
     """Walk back from `y` to the cached value f; returns (f, gate, consumer of f)."""
     node, gate, consumer = y, None, None
@@ -162,6 +177,7 @@ def find_branches(gm: GraphModule, model_name: str = "model") -> list[Branch]:
             continue
         adds_3d += 1
         for skip, y in ((b, a), (a, b)):
+            skip = _strip_casts(skip)
             between = _between(skip, y, order)
             if between and any(n.target in _HEAVY_OPS for n in between):
                 candidates.append((add, skip, y, between))
@@ -202,24 +218,28 @@ def _live_nodes(branch: Branch, barrier: Node) -> list[Node]:
         if node in live or node not in inside:
             continue
         live.add(node)
-        if node is not barrier:
+        if node.target is aten.type_as.default:  # reads only the dtype of its 2nd input
+            stack.append(node.args[0])
+        elif node is not barrier:
             stack.extend(node.all_input_nodes)
     return [n for n in branch.nodes if n in live]
 
 
 def _mark_attention_mlp(branch: Branch) -> None:
-    """Single-stream blocks compute attention and an MLP in parallel from one input:
-    `f = proj(cat(attention(x), mlp(x)))`. Such a branch is PARTIAL-able with the
-    attention output reused from the last FULL step and the rest run on chosen tokens."""
+    """A branch that computes an MLP besides its self-attention: in parallel from one
+    input (FLUX single-stream blocks, `f = proj(cat(attention(x), mlp(x)))`) or after it
+    (`f = mlp(norm(x + attention(x)))`, AuraFlow). Such a branch is PARTIAL-able with
+    the attention output reused from the last FULL step and the rest run on chosen
+    tokens. A plain attention branch (only the output projection after the attention)
+    stays reused whole."""
     branch.partial_reason = "self-attention (never partial, as in ToCa)"
     attention = branch.attention
     if attention is None:
         return
     live = _live_nodes(branch, attention)
-    parallel = [n for n in live if n.target in _HEAVY_OPS and n is not attention
-                and attention not in _ancestors(n)]
+    heavy = [n for n in live if n.target in _HEAVY_OPS and n is not attention]
     out, skip = _tensor_shape(attention), _tensor_shape(branch.skip)
-    if not parallel or out is None or (out[0], out[-2]) != skip[:2]:
+    if len(heavy) < 2 or out is None or (out[0], out[-2]) != skip[:2]:
         return
     try:
         axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2})

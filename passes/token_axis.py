@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.fx import Node
 
+from tocache_fx.opaque import OPAQUE_OP, REGISTRY
+
 aten = torch.ops.aten
 
 __all__ = ["NotTokenWise", "token_axes", "SIZE_ARG_OPS"]
@@ -113,6 +115,14 @@ def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> object:
 
     if node.op != "call_function":
         raise _fail(node, "is not a function call")
+    if target is OPAQUE_OP:
+        opaque = REGISTRY[args[0]]
+        if not opaque.token_wise:
+            raise _fail(node, f"runs {opaque.path} ({opaque.class_name}), which is not "
+                              "token-wise on the captured inputs")
+        if axes[args[1]] == len(out_shape) - 1:
+            raise _fail(node, "gets tokens along its channel axis")
+        return axes[args[1]]
     if target is operator.getitem:
         parent = axes[src]
         if not isinstance(parent, tuple) or parent[args[1]] is None:

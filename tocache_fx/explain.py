@@ -18,7 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .schedule import StepKind
-from .variants import build_step_graph, fake_inputs
+from .meta import fake_inputs
+from .variants import build_step_graph
 
 __all__ = ["explain", "step_flops", "schedule_flops"]
 

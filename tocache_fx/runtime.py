@@ -56,7 +56,6 @@ class _Prepared:
     grid: tuple[int, int] | None
     batch: int
     device: torch.device
-    plans: dict[int, tuple[Schedule, CacheLayout]] = field(default_factory=dict)
     step_graphs: dict[tuple, StepGraph] = field(default_factory=dict)
     compiled: dict[tuple, Any] = field(default_factory=dict)
 
@@ -69,6 +68,13 @@ class _Generation:
     num_steps: int = DEFAULT_NUM_STEPS
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+
+
+def _timestep(bound: dict[str, Any]) -> Any:
+    """The call's timestep argument (`timestep`, else any argument named like it)."""
+    if "timestep" in bound:
+        return bound["timestep"]
+    return next((value for name, value in bound.items() if "timestep" in name), None)
 
 
 def _token_grid(kwargs: dict[str, Any], config: Any, num_tokens: int) -> tuple[int, int] | None:
@@ -96,7 +102,8 @@ class CachedTransformer(torch.nn.Module):
         self.compile = compile
         self.compile_mode = compile_mode
         self._forward_signature = inspect.signature(model.forward)
-        self._prepared: dict[tuple, _Prepared] = {}
+        self._prepared: dict[tuple, _Prepared] = {}  # shared by `with_policy` copies
+        self._plans: dict[tuple[int, int], tuple[Schedule, CacheLayout]] = {}
         self._last_signature: tuple | None = None
         self._generations: dict[str, _Generation] = {}
         self._context = "default"
@@ -137,9 +144,22 @@ class CachedTransformer(torch.nn.Module):
         """Forget every cached value and step counter; the next call starts a generation."""
         self._generations.clear()
 
+    def with_policy(self, policy: Policy, compile: bool | None = None) -> CachedTransformer:
+        """The same model under another policy, reusing the captured graphs (and any
+        step graph both policies share) instead of capturing again.
+
+        >>> fast = cached.with_policy(DuCa(interval=5))   # doctest: +SKIP
+        """
+        other = CachedTransformer(self.original, policy,
+                                  compile=self.compile if compile is None else compile,
+                                  compile_mode=self.compile_mode)
+        other._prepared = self._prepared
+        return other
+
     @property
     def num_compiled_graphs(self) -> int:
-        return sum(len(p.compiled) for p in self._prepared.values())
+        """Graphs compiled with inductor so far (shared with `with_policy` copies)."""
+        return sum(key[-2] for p in self._prepared.values() for key in p.compiled)
 
     # -- the call --------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -152,7 +172,7 @@ class CachedTransformer(torch.nn.Module):
         prepared, signature = self._prepare(bound)
         generation = self._generations.setdefault(self._context, _Generation())
         tracker = generation.tracker
-        if tracker.advance(signature, bound.get("timestep")):
+        if tracker.advance(signature, _timestep(bound)):
             generation.slots.clear()
             generation.num_steps = (getattr(self.policy, "num_steps", None) or tracker.length_hint
                                     or tracker.last_length or DEFAULT_NUM_STEPS)
@@ -210,24 +230,27 @@ class CachedTransformer(torch.nn.Module):
         return self._prepared[signature], signature
 
     def _schedule(self, prepared: _Prepared, num_steps: int) -> tuple[Schedule, CacheLayout]:
-        if num_steps not in prepared.plans:
+        key = (id(prepared), num_steps)
+        if key not in self._plans:
             schedule = build_schedule(self.policy, prepared.branches, num_steps)
             layout = plan_layout(self.policy, schedule, prepared.branches, prepared.grid)
-            prepared.plans[num_steps] = (schedule, layout)
-        return prepared.plans[num_steps]
+            self._plans[key] = (schedule, layout)
+        return self._plans[key]
 
     def _step_graph(self, prepared: _Prepared, plan: tuple[int, ...],
                     layout: CacheLayout) -> tuple[StepGraph, Any]:
         key = (plan, repr(layout))
         if key not in prepared.step_graphs:
-            step = build_step_graph(prepared.captured.graph_module, prepared.branches, plan,
-                                    layout)
-            prepared.step_graphs[key] = step
-            prepared.compiled[key] = (torch.compile(step.graph_module, backend="inductor",
-                                                    fullgraph=True, dynamic=False,
-                                                    mode=self.compile_mode)
-                                      if self.compile else step.graph_module)
-        return prepared.step_graphs[key], prepared.compiled[key]
+            prepared.step_graphs[key] = build_step_graph(
+                prepared.captured.graph_module, prepared.branches, plan, layout)
+        step = prepared.step_graphs[key]
+        compiled_key = key + (self.compile, self.compile_mode)
+        if compiled_key not in prepared.compiled:
+            prepared.compiled[compiled_key] = (
+                torch.compile(step.graph_module, backend="inductor", fullgraph=True,
+                              dynamic=False, mode=self.compile_mode)
+                if self.compile else step.graph_module)
+        return step, prepared.compiled[compiled_key]
 
     # -- introspection ---------------------------------------------------------------
     def last_prepared(self) -> _Prepared:

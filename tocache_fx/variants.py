@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tocache_fx.passes.attention_scores import attention_scores
 from tocache_fx.passes.cache_branches import cache_branches
@@ -26,9 +24,10 @@ from tocache_fx.passes.skip_blocks import skip_blocks
 from tocache_fx.passes.state import GraphState
 
 from .layout import CacheLayout
+from .meta import refresh_meta
 from .schedule import StepKind
 
-__all__ = ["StepGraph", "build_step_graph", "fake_inputs"]
+__all__ = ["StepGraph", "build_step_graph"]
 
 
 @dataclass
@@ -59,23 +58,6 @@ def _is_impure(node: Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
-def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:
-    """Fake tensors matching the graph's placeholders (slots described on "meta" take
-    the device of the model inputs)."""
-    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    device = next(v.device for v in vals if v.device.type != "meta")
-    with mode:
-        return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
-                                    device=device if v.device.type == "meta" else v.device)
-                for v in vals]
-
-
-def _refresh_meta(gm: GraphModule) -> None:
-    """Recompute `meta["val"]` (and check every shape) with fake tensors."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs(gm, mode))
-
-
 def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
                      layout: CacheLayout) -> StepGraph:
     """Rewrite a copy of `base` for `plan` (a schedule row)."""
@@ -90,5 +72,5 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
-    _refresh_meta(gm)
+    refresh_meta(gm)
     return StepGraph(plan, gm, list(state.reads), list(state.writes), num_outputs)

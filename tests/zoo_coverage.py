@@ -1,0 +1,141 @@
+"""Run the pass over one zoo model and report what it found and whether it holds.
+
+Checks (the model is captured once; the policies share the capture via `with_policy`):
+`NoCache` and `ToCa(interval=1)` equal the original model over a short generation;
+a ToCa and a DuCa policy run (compiled with inductor when asked, with recompiles made
+errors), give finite outputs, count the steps of the generation and save FLOPs. A model the pass cannot handle must raise
+`UnsupportedModelError`; that is recorded as "not supported" with its message.
+
+``python tests/zoo_coverage.py [--compile] [--write README.md] [ClassName ...]`` prints the
+coverage table and, with ``--write``, replaces the table between the coverage markers.
+
+Example:
+    >>> row = check(next(z for z in ZOO if z.name == "DiTTransformer2DModel"))  # doctest: +SKIP
+    >>> row.status
+    'passes'
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from torch.utils import _pytree as pytree
+
+import tocache_fx
+from tocache_fx import DuCa, NoCache, ToCa, UnsupportedModelError
+from tocache_fx.explain import schedule_flops
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import ZOO, ZOO_SKIPPED, ZooModel  # noqa: E402
+
+STEPS = 6
+BATCH = 2
+POLICIES = {
+    "ToCa": ToCa(num_steps=STEPS, interval=3, cache_ratio=0.5, time_phases=1),
+    "DuCa": DuCa(num_steps=STEPS, interval=3, cache_ratio=0.5),
+}
+BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
+
+
+@dataclass
+class Coverage:
+    name: str
+    graph: str  # "one graph" | "one graph + N opaque modules (Class)"
+    branches: str  # "12: 4 self_attention, 4 mlp, ..." with the PARTIAL-able count
+    status: str  # "passes" | "not supported: <reason>"
+    compiled: bool
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def generate(model, entry: ZooModel) -> list[list[torch.Tensor]]:
+    """Every step's output tensors of a short generation (t from 1 down)."""
+    with torch.no_grad():
+        return [_tensors(model(**entry.inputs(BATCH, 1 - step / STEPS))) for step in range(STEPS)]
+
+
+def _describe(cached) -> tuple[str, str]:
+    prepared = cached.last_prepared()
+    opaque = prepared.captured.opaque.values()
+    graph = "one graph"
+    if opaque:
+        classes = sorted({o.class_name for o in opaque})
+        graph += f" + {len(opaque)} opaque modules ({', '.join(classes)})"
+    kinds = Counter(b.kind for b in prepared.branches)
+    partial = sum(b.partial_ok for b in prepared.branches)
+    branches = (f"{len(prepared.branches)} ({partial} PARTIAL-able): "
+                + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
+    return graph, branches
+
+
+def check(entry: ZooModel, compile: bool = False) -> Coverage:
+    """Run every check on `entry`; raises AssertionError when a check fails."""
+    model = entry.build()
+    reference = generate(model, entry)
+    base = tocache_fx.transform(model, NoCache(), compile=False)
+    try:
+        uncached = generate(base, entry)
+    except UnsupportedModelError as error:
+        return Coverage(entry.name, "-", "-", f"not supported: {error}", compile)
+    graph, branches = _describe(base)
+    torch.testing.assert_close(uncached, reference, msg=lambda m: f"NoCache differs: {m}")
+    once = generate(base.with_policy(ToCa(interval=1)), entry)
+    torch.testing.assert_close(once, reference, msg=lambda m: f"interval=1 differs: {m}")
+    for name, policy in POLICIES.items():
+        cached = base.with_policy(policy, compile=compile)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            outputs = generate(cached, entry)
+        assert all(t.isfinite().all() for step in outputs for t in step), f"{name}: not finite"
+        steps_seen = cached._generations["default"].tracker.step + 1
+        assert steps_seen == STEPS, f"{name}: counted {steps_seen} steps of one generation"
+        saving = schedule_flops(cached)["speedup"]
+        assert saving > 1, f"{name}: the schedule saves no FLOPs ({saving:.2f}x)"
+    return Coverage(entry.name, graph, branches, "passes", compile)
+
+
+def table(rows: list[Coverage]) -> str:
+    body = [(r.name, r.graph, r.branches, r.status + (" (compiled)" if r.compiled and
+                                                       r.status == "passes" else ""))
+            for r in rows]
+    body += [(name, "-", "-", f"not in the zoo: {why}") for name, why in ZOO_SKIPPED.items()]
+    return tabulate(body, headers=["model", "capture", "branches found", "result"],
+                    tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*")
+    parser.add_argument("--compile", action="store_true", help="ToCa/DuCa with inductor")
+    parser.add_argument("--write", type=Path, help="file whose coverage table is replaced")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for entry in ZOO:
+        if args.names and entry.name not in args.names:
+            continue
+        try:
+            rows.append(check(entry, compile=args.compile))
+        except Exception as error:  # noqa: BLE001 - the table records every failure
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            rows.append(Coverage(entry.name, "-", "-",
+                                 f"FAILS: {type(error).__name__}: {first}"[:200], args.compile))
+        print(rows[-1], flush=True)
+    text = table(rows)
+    print(text)
+    if args.write:
+        doc = args.write.read_text()
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        args.write.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+
+
+if __name__ == "__main__":
+    main()
