@@ -1,25 +1,22 @@
 """A smoke run of the quality/speed benchmark on two settings and a handful of samples."""
 
+import dataclasses
 import json
 
 import pytest
-import torch
 
 from tocache_fx import bench
 from tocache_fx.policies import FORA
 
 
-@pytest.fixture
-def tiny_grid(monkeypatch):
-    grid = [bench.Setting("uncached"), bench.Setting("FORA N=2", FORA(interval=2, num_steps=4),
-                                                      steps=4)]
-    monkeypatch.setattr(bench, "settings", lambda quick: grid)
-    monkeypatch.setattr(bench, "STEPS", 4)
-
-
-def test_bench_smoke(tiny_grid, tmp_path):
+@pytest.mark.parametrize("model", ["dit", "flux"])
+def test_bench_smoke(model, monkeypatch, tmp_path):
+    grid = [bench.Setting("uncached", steps=4),
+            bench.Setting("FORA N=2", FORA(interval=2, num_steps=4), steps=4)]
+    tiny = dataclasses.replace(bench.MODELS[model], steps=4, grid=lambda steps, quick: grid)
+    monkeypatch.setitem(bench.MODELS, model, tiny)
     rows, images = bench.run_bench(quick=True, per_class=1, repeats=1, progress=False,
-                                   compile=False)
+                                   compile=False, model=model)
     assert [r["setting"] for r in rows] == ["uncached", "FORA N=2"]
     uncached, fora = rows
     assert uncached["psnr"] == 100.0 and uncached["ssim"] == pytest.approx(1.0)
@@ -29,3 +26,15 @@ def test_bench_smoke(tiny_grid, tmp_path):
     paths = bench.save(rows, images, tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())[1]["setting"] == "FORA N=2"
     assert all(path.stat().st_size > 0 for path in paths)
+
+
+def test_dominance():
+    def row(name, speed, quality, peer=None, policy=None):
+        return {"setting": name, "latency_speedup": speed, "psnr": quality, "peer": peer,
+                "policy": policy, "steps": 50, "model": "dit"}
+    rows = [row("ours fast", 3.0, 30.0, policy={}), row("ours slow", 2.0, 35.0, policy={}),
+            row("peer A", 1.5, 32.0, peer="diffusers PAB"),
+            row("peer B", 2.5, 31.0, peer="cache-dit DBCache"),
+            row("peer C", 3.5, 20.0, peer="diffusers MagCache")]
+    assert bench.dominance(rows) == [("peer A", "ours slow"), ("peer B", "ours fast"),
+                                     ("peer C", None)]

@@ -120,3 +120,59 @@ def test_snapshot_of_partial_rewrite():
         path.parent.mkdir(exist_ok=True)
         path.write_text(code)
     assert code == path.read_text()
+
+
+def _zoo_setup(name, policy, steps=4):
+    from zoo import ZOO
+
+    entry = next(z for z in ZOO if z.name == name)
+    captured = capture(entry.build(), entry.inputs(2, 0.5))
+    branches = find_branches(captured.graph_module)
+    schedule = build_schedule(policy, branches, steps)
+    return captured, branches, plan_layout(policy, schedule, branches)
+
+
+def test_flux_single_stream_partial_reuses_attention_and_recomputes_mlp_path():
+    policy = DuCa(interval=2, cache_ratio=0.5, token_bucket=1)
+    captured, branches, layout = _zoo_setup("FluxTransformer2DModel", policy)
+    single = [b for b in branches if b.kind == "attention_mlp"]
+    assert [b.block_path for b in single] == ["single_transformer_blocks.0",
+                                               "single_transformer_blocks.1"]
+    assert layout.attention == {b.index for b in single}
+    full = build_step_graph(captured.graph_module, branches,
+                            (int(StepKind.FULL),) + tuple(b.num_tokens for b in branches), layout)
+    assert {f"attn.{b.index}" for b in single} <= set(full.writes)
+    plan = (int(StepKind.PARTIAL),) + tuple(b.num_tokens // 2 if b.partial_ok else 0
+                                            for b in branches)
+    step = build_step_graph(captured.graph_module, branches, plan, layout)
+    count = targets(step)
+    partial = [b for b in branches if b.partial_ok]
+    assert count[aten.scaled_dot_product_attention.default] == 0  # every attention reused
+    # one gather of the stream per PARTIAL branch, one more of each reused attention
+    assert count[ops.gather_tokens] == len(partial) + len(single)
+    assert count[ops.scatter_tokens] == len(partial)
+    assert {f"attn.{b.index}" for b in single} <= set(step.reads)
+    for branch in single:  # proj_mlp and proj_out run on half of the joint tokens
+        compute = [n for n in step.graph_module.graph.nodes
+                   if n.meta.get("tocache") == f"compute:{branch.index}"
+                   and n.target is aten.linear.default]
+        assert len(compute) == 2
+        assert all(n.meta["val"].shape[1] == branch.num_tokens // 2 for n in compute)
+
+
+def test_hidream_moe_runs_as_opaque_op_on_selected_tokens():
+    from tocache_fx.opaque import OPAQUE_OP
+
+    policy = DuCa(interval=2, cache_ratio=0.5, token_bucket=1)
+    captured, branches, layout = _zoo_setup("HiDreamImageTransformer2DModel", policy)
+    assert len(captured.opaque) == 4
+    assert all(o.class_name == "MOEFeedForwardSwiGLU" and o.token_wise
+               for o in captured.opaque.values())
+    moe = [b for b in branches if any(n.target is OPAQUE_OP for n in b.nodes)]
+    assert len(moe) == 4 and all(b.kind == "mlp" and b.partial_ok for b in moe)
+    plan = (int(StepKind.PARTIAL),) + tuple(b.num_tokens // 2 if b.partial_ok else 0
+                                            for b in branches)
+    step = build_step_graph(captured.graph_module, branches, plan, layout)
+    calls = [n for n in step.graph_module.graph.nodes if n.target is OPAQUE_OP]
+    assert len(calls) == 4
+    assert all(n.meta["val"].shape[1] == b.num_tokens // 2 for n, b in zip(calls, moe))

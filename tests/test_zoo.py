@@ -12,12 +12,9 @@ import os
 
 import pytest
 
-from zoo_coverage import check
 from zoo import ZOO
+from zoo_coverage import COMPILED, check
 
-COMPILED = {"DiTTransformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel",
-            "SD3Transformer2DModel", "LatteTransformer3DModel", "WanTransformer3DModel",
-            "HiDreamImageTransformer2DModel"}
 # Each must be captured and PARTIAL-able somewhere (the families the pass is built for).
 REQUIRED = COMPILED
 

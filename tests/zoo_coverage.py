@@ -1,13 +1,15 @@
 """Run the pass over one zoo model and report what it found and whether it holds.
 
 Checks (the model is captured once; the policies share the capture via `with_policy`):
-`NoCache` and `ToCa(interval=1)` equal the original model over a short generation;
+`NoCache` and `ToCa(interval=1)` equal the original model over a short generation; a
+PARTIAL step run on the inputs of the FULL step before it reproduces its output;
 a ToCa and a DuCa policy run (compiled with inductor when asked, with recompiles made
 errors), give finite outputs, count the steps of the generation and save FLOPs. A model the pass cannot handle must raise
 `UnsupportedModelError`; that is recorded as "not supported" with its message.
 
-``python tests/zoo_coverage.py [--compile] [--write README.md] [ClassName ...]`` prints the
-coverage table and, with ``--write``, replaces the table between the coverage markers.
+``python tests/zoo_coverage.py [--compile-all] [--write README.md] [ClassName ...]`` prints
+the coverage table and, with ``--write``, replaces the table between the coverage
+markers. ToCa and DuCa run compiled for the `COMPILED` families (all with --compile-all).
 
 Example:
     >>> row = check(next(z for z in ZOO if z.name == "DiTTransformer2DModel"))  # doctest: +SKIP
@@ -31,6 +33,8 @@ from torch.utils import _pytree as pytree
 import tocache_fx
 from tocache_fx import DuCa, NoCache, ToCa, UnsupportedModelError
 from tocache_fx.explain import schedule_flops
+from tocache_fx.schedule import StepKind
+from tocache_fx.variants import build_step_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ZOO, ZOO_SKIPPED, ZooModel  # noqa: E402
@@ -41,6 +45,10 @@ POLICIES = {
     "ToCa": ToCa(num_steps=STEPS, interval=3, cache_ratio=0.5, time_phases=1),
     "DuCa": DuCa(num_steps=STEPS, interval=3, cache_ratio=0.5),
 }
+COMPILED = {"DiTTransformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel",
+            "SD3Transformer2DModel", "LatteTransformer3DModel", "WanTransformer3DModel",
+            "HiDreamImageTransformer2DModel"}
+REPRODUCE = ToCa(num_steps=2, interval=2, cache_ratio=0.5, time_phases=1, token_bucket=1)
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
 
@@ -77,6 +85,30 @@ def _describe(cached) -> tuple[str, str]:
     return graph, branches
 
 
+def partial_reproduces_full(cached, entry: ZooModel) -> None:
+    """A PARTIAL step on the inputs of the FULL step before it gives the FULL output:
+    every recomputed token must land where it came from (gather, compute, scatter,
+    reused attention outputs, opaque modules, per-stream token counts)."""
+    schedule, layout = cached.schedule_for(2)
+    full_plan, partial_plan = schedule.plan(0), schedule.plan(1)
+    assert full_plan[0] == StepKind.FULL and partial_plan[0] == StepKind.PARTIAL
+    prepared = cached.last_prepared()
+    inputs = prepared.captured.flatten(cached._keyword_arguments((), entry.inputs(BATCH, 0.5)))
+    graphs = [build_step_graph(prepared.captured.graph_module, prepared.branches, plan, layout)
+              for plan in (full_plan, partial_plan)]
+    with torch.no_grad():
+        full = graphs[0].graph_module(*inputs)
+        slots = dict(zip(graphs[0].writes, full[graphs[0].num_outputs:]))
+        for name in graphs[1].reads:
+            if name.startswith("noise."):
+                shape = tuple(int(n) for n in name.split(".")[1].split("x"))
+                slots[name] = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        partial = graphs[1].graph_module(*inputs, *[slots[name] for name in graphs[1].reads])
+    count = graphs[1].num_outputs
+    torch.testing.assert_close(list(partial[:count]), list(full[:count]), rtol=1e-4, atol=1e-4,
+                               msg=lambda m: f"PARTIAL on FULL's inputs differs: {m}")
+
+
 def check(entry: ZooModel, compile: bool = False) -> Coverage:
     """Run every check on `entry`; raises AssertionError when a check fails."""
     model = entry.build()
@@ -90,6 +122,8 @@ def check(entry: ZooModel, compile: bool = False) -> Coverage:
     torch.testing.assert_close(uncached, reference, msg=lambda m: f"NoCache differs: {m}")
     once = generate(base.with_policy(ToCa(interval=1)), entry)
     torch.testing.assert_close(once, reference, msg=lambda m: f"interval=1 differs: {m}")
+    if any(b.partial_ok for b in base.last_prepared().branches):
+        partial_reproduces_full(base.with_policy(REPRODUCE), entry)
     for name, policy in POLICIES.items():
         cached = base.with_policy(policy, compile=compile)
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -103,9 +137,9 @@ def check(entry: ZooModel, compile: bool = False) -> Coverage:
 
 
 def table(rows: list[Coverage]) -> str:
-    body = [(r.name, r.graph, r.branches, r.status + (" (compiled)" if r.compiled and
-                                                       r.status == "passes" else ""))
-            for r in rows]
+    body = [(r.name, r.graph, r.branches, r.status + (
+        " (ToCa, DuCa compiled)" if r.compiled and r.status == "passes" else ""))
+        for r in rows]
     body += [(name, "-", "-", f"not in the zoo: {why}") for name, why in ZOO_SKIPPED.items()]
     return tabulate(body, headers=["model", "capture", "branches found", "result"],
                     tablefmt="github")
@@ -114,7 +148,8 @@ def table(rows: list[Coverage]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*")
-    parser.add_argument("--compile", action="store_true", help="ToCa/DuCa with inductor")
+    parser.add_argument("--compile-all", action="store_true",
+                        help="ToCa/DuCa with inductor for every model (about an hour)")
     parser.add_argument("--write", type=Path, help="file whose coverage table is replaced")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -123,11 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.names and entry.name not in args.names:
             continue
         try:
-            rows.append(check(entry, compile=args.compile))
+            rows.append(check(entry, compile=args.compile_all or entry.name in COMPILED))
         except Exception as error:  # noqa: BLE001 - the table records every failure
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             rows.append(Coverage(entry.name, "-", "-",
-                                 f"FAILS: {type(error).__name__}: {first}"[:200], args.compile))
+                                 f"FAILS: {type(error).__name__}: {first}"[:200], False))
         print(rows[-1], flush=True)
     text = table(rows)
     print(text)

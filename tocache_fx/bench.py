@@ -1,14 +1,17 @@
-"""Speed and quality of caching policies on the shipped digits DiT.
+"""Speed and quality of caching policies on a shipped digits model.
 
-Every setting generates the same labels from the same noise with the 50-step DDIM
-sampler and CFG; latency is the median over `repeats` interleaved generations of the
-inductor-compiled model, against the compiled uncached model, compile excluded.
+Two models: "dit" (the class-conditional DiT, DDIM 50 steps) and "flux" (the
+FLUX-style MMDiT, rectified flow with Euler 28 steps), each raced against fewer steps
+and the peers' caches (diffusers hooks; cache-dit on FLUX). Every setting generates
+the same labels from the same noise with CFG; latency is the median over `repeats`
+interleaved generations of the inductor-compiled model, against the compiled
+uncached model, compile excluded.
 Quality: PSNR / SSIM against the uncached images of the same seed, the class accuracy
 of a digits classifier trained at run time, and the Fréchet distance of its features
 to the real digits (FD, like FID).
 
 Example:
-    >>> rows = run_bench(quick=True)           # doctest: +SKIP
+    >>> rows, images = run_bench(quick=True, model="flux")           # doctest: +SKIP
     >>> print(format_rows(rows))
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,39 +30,76 @@ from tabulate import tabulate
 import tocache_fx
 from tocache_fx.explain import schedule_flops
 from tocache_fx.metrics import DigitsJudge, psnr, ssim
-from tocache_fx.peers import PEERS, build_peer
+from tocache_fx.peers import FLUX_PEERS, PEERS, build_peer
 from tocache_fx.policies import FORA, DuCa, Policy, ToCa
-from tocache_fx.sampling import load_dit_digits, sample_digits
+from tocache_fx.sampling import load_dit_digits, load_flux_digits, sample_digits, sample_flux_digits
 
-__all__ = ["Setting", "settings", "run_bench", "format_rows"]
-
-STEPS = 50
+__all__ = ["Setting", "BenchModel", "MODELS", "settings", "run_bench", "format_rows",
+           "dominance", "save"]
 
 
 @dataclass(frozen=True)
 class Setting:
     name: str
     policy: Policy | None = None  # one of ours; None and no peer: the uncached model
-    steps: int = STEPS
-    peer: str | None = None  # a diffusers cache from `tocache_fx.peers.PEERS`
+    steps: int = 50
+    peer: str | None = None  # a peer cache from `tocache_fx.peers.PEERS` / `FLUX_PEERS`
 
 
-def settings(quick: bool) -> list[Setting]:
-    """The grid of settings; `quick` keeps a representative few."""
-    grid = [Setting("uncached"), Setting("DDIM-20", steps=20),
-            Setting("ToCa N=3 R=93%", ToCa(num_steps=STEPS)),
-            Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=STEPS))]
+@dataclass(frozen=True)
+class BenchModel:
+    """A shipped model, its sampler and its grid of settings."""
+
+    load: Callable[[], torch.nn.Module]
+    sample: Callable[..., torch.Tensor]  # sample(denoiser, labels, num_steps=, seed=)
+    steps: int
+    grid: Callable[[int, bool], list[Setting]]
+
+
+def _dit_grid(steps: int, quick: bool) -> list[Setting]:
+    grid = [Setting("uncached", steps=steps), Setting("DDIM-20", steps=20),
+            Setting("ToCa N=3 R=93%", ToCa(num_steps=steps), steps),
+            Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=steps), steps)]
     if quick:
         return grid
     return grid[:2] + [Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
-                       Setting("FORA N=2", FORA(interval=2, num_steps=STEPS)),
-                       Setting("FORA N=3", FORA(interval=3, num_steps=STEPS))] + grid[2:] + [
-        Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=STEPS)),
+                       Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
+                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + grid[2:] + [
+        Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
         Setting("ToCa N=5 R=90% fixed", ToCa(interval=5, cache_ratio=0.9, full_schedule="fixed",
-                                             time_weight=0.0, num_steps=STEPS)),
-        Setting("DuCa N=4 R=95%", DuCa(interval=4, cache_ratio=0.95, num_steps=STEPS)),
-        Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=STEPS)),
-    ] + [Setting(name, peer=name) for name in PEERS]
+                                             time_weight=0.0, num_steps=steps), steps),
+        Setting("DuCa N=4 R=95%", DuCa(interval=4, cache_ratio=0.95, num_steps=steps), steps),
+        Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
+    ] + [Setting(name, steps=steps, peer=name) for name in PEERS]
+
+
+def _flux_grid(steps: int, quick: bool) -> list[Setting]:
+    grid = [Setting("uncached", steps=steps), Setting("Euler-14", steps=14),
+            Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps),
+            Setting("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps), steps)]
+    if quick:
+        return grid
+    return grid[:2] + [Setting("Euler-20", steps=20), Setting("Euler-10", steps=10),
+                       Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
+                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + grid[2:] + [
+        Setting("ToCa N=2 R=90%", ToCa.flux(interval=2, num_steps=steps), steps),
+        Setting("ToCa N=4 R=90%", ToCa.flux(interval=4, num_steps=steps), steps),
+        Setting("ToCa N=5 R=90%", ToCa.flux(interval=5, num_steps=steps), steps),
+        Setting("DuCa N=4 R=90%", DuCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
+        Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
+    ] + [Setting(name, steps=steps, peer=name) for name in FLUX_PEERS]
+
+
+MODELS: dict[str, BenchModel] = {
+    "dit": BenchModel(load_dit_digits, sample_digits, 50, _dit_grid),
+    "flux": BenchModel(load_flux_digits, sample_flux_digits, 28, _flux_grid),
+}
+
+
+def settings(quick: bool, model: str = "dit") -> list[Setting]:
+    """The grid of settings of `model`; `quick` keeps a representative few."""
+    spec = MODELS[model]
+    return spec.grid(spec.steps, quick)
 
 
 def _timed(fn) -> tuple[float, torch.Tensor]:
@@ -67,35 +108,36 @@ def _timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def _generation_flops(denoiser, labels: torch.Tensor, steps: int) -> int:
+def _generation_flops(spec: BenchModel, denoiser, labels: torch.Tensor, steps: int) -> int:
     """FLOPs of one eager generation (matmuls, convolutions, attention), counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        sample_digits(denoiser, labels, num_steps=steps, seed=0)
+        spec.sample(denoiser, labels, num_steps=steps, seed=0)
     return counter.get_total_flops()
 
 
-def _build(setting: Setting, model, uncached, labels: torch.Tensor, compile: bool):
+def _build(spec: BenchModel, setting: Setting, cached, uncached, labels: torch.Tensor):
     """The callable a setting samples with, or raises if the setup fails."""
     if setting.peer is not None:
-        return build_peer(setting.peer, load_dit_digits, setting.steps,
-                          calibrate=lambda d: sample_digits(d, labels, num_steps=setting.steps))
+        return build_peer(setting.peer, spec.load, setting.steps,
+                          calibrate=lambda d: spec.sample(d, labels, num_steps=setting.steps))
     if setting.policy is not None:
-        return tocache_fx.transform(model, setting.policy, compile=compile)
+        return cached.with_policy(setting.policy)  # one capture shared by our policies
     return uncached
 
 
-def _generate(setting: Setting, denoiser, labels: torch.Tensor) -> torch.Tensor:
+def _generate(spec: BenchModel, setting: Setting, denoiser, labels: torch.Tensor) -> torch.Tensor:
     if hasattr(denoiser, "reset"):
         denoiser.reset()
-    return sample_digits(denoiser, labels, num_steps=setting.steps, seed=0)
+    return spec.sample(denoiser, labels, num_steps=setting.steps, seed=0)
 
 
 def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | None = None,
-              progress: bool = True, compile: bool = True,
+              progress: bool = True, compile: bool = True, model: str = "dit",
               ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Measure every setting; returns one dict per row and the images per setting.
+    """Measure every setting of `model` ("dit" or "flux"); returns one dict per row and
+    the images per setting.
 
     `compile=False` runs everything eagerly (a smoke test; latencies then mean little).
     """
@@ -103,18 +145,20 @@ def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | N
 
     per_class = per_class or (2 if quick else 10)
     repeats = repeats or (2 if quick else 3)
-    model = load_dit_digits()
+    spec = MODELS[model]
+    network = spec.load()
     labels = torch.arange(10).repeat_interleave(per_class)
-    uncached = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
-    chosen = settings(quick)
+    uncached = torch.compile(network, fullgraph=True, dynamic=False) if compile else network
+    cached = tocache_fx.transform(network, tocache_fx.NoCache(), compile=compile)
+    chosen = settings(quick, model)
     bar = tqdm(total=len(chosen) * (repeats + 1), desc="bench", disable=not progress)
     runners, failures, images, compile_s = {}, {}, {}, {}
     for setting in chosen:  # build, then a first generation that compiles
         bar.set_postfix_str(setting.name)
         try:
-            denoiser = _build(setting, model, uncached, labels, compile)
+            denoiser = _build(spec, setting, cached, uncached, labels)
             compile_s[setting.name], images[setting.name] = _timed(
-                lambda: _generate(setting, denoiser, labels))
+                lambda: _generate(spec, setting, denoiser, labels))
             runners[setting.name] = (setting, denoiser)
         except Exception as error:  # a peer that does not accept this model
             failures[setting.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
@@ -123,24 +167,24 @@ def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | N
     for _ in range(repeats):  # interleaved, so drift hits every setting alike
         for name, (setting, denoiser) in runners.items():
             bar.set_postfix_str(name)
-            latency[name].append(_timed(lambda: _generate(setting, denoiser, labels))[0])
+            latency[name].append(_timed(lambda: _generate(spec, setting, denoiser, labels))[0])
             bar.update()
     bar.close()
     judge = DigitsJudge()
     reference, base = images["uncached"], statistics.median(latency["uncached"])
-    base_flops = _generation_flops(model, labels, STEPS)
+    base_flops = _generation_flops(spec, network, labels, spec.steps)
     rows = []
     for name, (setting, denoiser) in runners.items():
         if setting.policy is not None:
-            flops_speedup = schedule_flops(denoiser, STEPS)["speedup"]
+            flops_speedup = schedule_flops(denoiser, spec.steps)["speedup"]
         elif setting.peer is not None:
             denoiser.reset()
-            flops_speedup = base_flops / _generation_flops(denoiser, labels, setting.steps)
+            flops_speedup = base_flops / _generation_flops(spec, denoiser, labels, setting.steps)
         else:
-            flops_speedup = STEPS / setting.steps
+            flops_speedup = spec.steps / setting.steps
         seconds = statistics.median(latency[name])
         rows.append({
-            "setting": name, "policy": setting.policy.to_dict() if setting.policy else None,
+            "model": model, "setting": name, "policy": setting.policy.to_dict() if setting.policy else None,
             "peer": setting.peer, "steps": setting.steps, "flops_speedup": flops_speedup,
             "latency_s": seconds, "latency_speedup": base / seconds,
             "compile_s": compile_s[name] - seconds,
@@ -167,19 +211,34 @@ def format_rows(rows: list[dict]) -> str:
                                     "SSIM", "class acc", "FD", "note"], tablefmt="github")
 
 
+def dominance(rows: list[dict]) -> list[tuple[str, str | None]]:
+    """For each peer row, our fastest row that is at least as fast with a higher PSNR
+    (None where no tocache-fx row dominates it)."""
+    ours = sorted((r for r in rows if "error" not in r and _family(r) == "tocache-fx"),
+                  key=lambda r: -r["latency_speedup"])
+    verdicts = []
+    for peer in rows:
+        if "error" in peer or not peer.get("peer"):
+            continue
+        winner = next((r["setting"] for r in ours if r["latency_speedup"] >= peer["latency_speedup"]
+                       and r["psnr"] > peer["psnr"]), None)
+        verdicts.append((peer["setting"], winner))
+    return verdicts
+
+
 def _family(row: dict) -> str:
     if row.get("peer"):
-        return "diffusers hooks"
+        return "cache-dit" if row["peer"].startswith("cache-dit") else "diffusers hooks"
     if row.get("policy"):
         return "tocache-fx"
-    return "fewer steps" if row["steps"] != STEPS else "uncached"
+    return "fewer steps" if row["steps"] != MODELS[row.get("model", "dit")].steps else "uncached"
 
 
 def _pareto_plot(rows: list[dict], metric: str, label: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"tocache-fx": "tab:blue", "fewer steps": "tab:gray",
-               "diffusers hooks": "tab:orange", "uncached": "black"}
+               "diffusers hooks": "tab:orange", "cache-dit": "tab:red", "uncached": "black"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, colour in colours.items():
         points = [r for r in rows if "error" not in r and _family(r) == family]

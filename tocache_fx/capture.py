@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.node import map_arg
 from torch.fx.graph import CodeGen
 from torch.utils import _pytree as pytree
@@ -82,11 +85,6 @@ def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor]) -> None:
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in tainted for a in node.all_input_nodes):
             tainted.add(node)
-        if node.target not in _SCALAR_READS and node.meta.get("unbacked_bindings"):
-            raise UnsupportedModelError(
-                f"{node.name} ({node.target}) has an output shape that depends on tensor "
-                f"values, {_block_of(node)}: data-dependent shapes cannot be compiled "
-                "with static shapes")
         if node.target in _SCALAR_READS and node in tainted:
             raise UnsupportedModelError(
                 f"{node.name} reads the value of a tensor computed from the inputs "
@@ -115,6 +113,23 @@ def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor]) -> None:
         if node in scalars and not node.users or (
                 node.target is torch.ops.aten._assert_scalar.default and not node.all_input_nodes):
             gm.graph.erase_node(node)
+
+
+def _refresh_static_meta(gm: GraphModule) -> None:
+    """Recompute shapes; an op whose output shape depends on tensor values (after the
+    scalars are folded) cannot be compiled with static shapes."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    try:
+        refresh_meta(gm)
+    except (DynamicOutputShapeException, DataDependentOutputException,
+            GuardOnDataDependentSymNode) as error:
+        found = re.search(r"While executing %(\w+)", str(error))
+        node = by_name.get(found.group(1)) if found else None
+        where = f"{node.name} ({node.target}) {_block_of(node)}" if node else "an op"
+        raise UnsupportedModelError(
+            f"{where} has an output shape that depends on tensor values "
+            f"({type(error).__name__}): data-dependent shapes cannot be compiled with static "
+            "shapes") from error
 
 
 def _block_of(node: Node) -> str:
@@ -178,5 +193,5 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> CapturedGraph:
     _fold_scalars(gm, [leaves[i] for i in tensor_leaves])
     graph.lint()
     gm.recompile()
-    refresh_meta(gm)
+    _refresh_static_meta(gm)
     return CapturedGraph(gm, tensor_leaves, exported.call_spec.out_spec, opaque)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 from tabulate import tabulate
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layout import CacheLayout
 from .schedule import StepKind
 from .meta import fake_inputs
 from .variants import build_step_graph
@@ -34,14 +36,14 @@ def _plan_label(plan: tuple[int, ...], branch_tokens: tuple[int, ...]) -> str:
     return kind.name
 
 
-def step_flops(step_graph) -> int:
-    """FLOPs of one run of a step graph, counted on fake tensors."""
+def step_flops(step_graph, by_op: bool = False) -> int | dict:
+    """FLOPs of one run of a step graph, counted on fake tensors (per op with `by_op`)."""
     gm = step_graph.graph_module
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = fake_inputs(gm, mode)
     with mode, FlopCounterMode(display=False) as counter:
         gm(*inputs)
-    return counter.get_total_flops()
+    return dict(counter.get_flop_counts()["Global"]) if by_op else counter.get_total_flops()
 
 
 def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
@@ -62,6 +64,25 @@ def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
             "labels": {plan: _plan_label(plan, schedule.branch_tokens) for plan in per_plan}}
 
 
+def _opaque_lines(prepared) -> list[str]:
+    """What the submodules run outside inductor (tocache_fx.opaque) cost."""
+    opaque = list(prepared.captured.opaque.values())
+    if not opaque:
+        return []
+    full = build_step_graph(prepared.captured.graph_module, prepared.branches,
+                            (int(StepKind.FULL),) + tuple(b.num_tokens for b in prepared.branches),
+                            CacheLayout())
+    per_op = step_flops(full, by_op=True)
+    share = per_op.get(torch.ops.tocache.opaque_module, 0) / max(sum(per_op.values()), 1)
+    classes = ", ".join(sorted({o.class_name for o in opaque}))
+    partial = sum(o.token_wise for o in opaque)
+    return [f"{len(opaque)} submodules ({classes}) could not be traced and run eagerly as "
+            f"opaque ops inside the compiled graph: {share:.0%} of a FULL step's FLOPs get "
+            "no inductor fusion, and their own host syncs "
+            f"(data-dependent routing) remain; {partial} of them are token-wise, so "
+            "PARTIAL steps route only the selected tokens through them."]
+
+
 def explain(cached, num_steps: int | None = None) -> str:
     """A table of the branches found and a table of FLOPs per step kind."""
     prepared = cached.last_prepared()
@@ -78,6 +99,7 @@ def explain(cached, num_steps: int | None = None) -> str:
         f"{type(cached.original).__name__} with {cached.policy!r}",
         f"{len(prepared.branches)} residual branches; token grid "
         f"{'x'.join(map(str, grid)) if grid else 'unknown (grid bonus off)'}",
+        *_opaque_lines(prepared),
         tabulate(branch_rows, headers=["#", "block", "module", "kind", "gate", "PARTIAL-able"]),
         "",
         tabulate(step_rows, headers=["step kind", "steps", "GFLOPs / step"]),

@@ -153,7 +153,7 @@ class CachedTransformer(torch.nn.Module):
         other = CachedTransformer(self.original, policy,
                                   compile=self.compile if compile is None else compile,
                                   compile_mode=self.compile_mode)
-        other._prepared = self._prepared
+        other._prepared, other._last_signature = self._prepared, self._last_signature
         return other
 
     @property
