@@ -125,6 +125,10 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
     with graph.inserting_before(consumer):
         idx = _tag(_select(branch, k, skip, layout, state), "select", branch)
         env = {skip: _tag(graph.call_function(ops.gather_tokens, (skip, idx)), "gather", branch)}
+        for side, (axis, rank) in branch.side_inputs.items():
+            node = by_name[side.name]
+            gathered = graph.call_function(ops.gather_side_input, (node, idx, axis, rank))
+            env[node] = _tag(gathered, "gather", branch)
         attention = branch.reused_attention
         if attention is not None:
             cached = state.read(f"attn.{branch.index}", slot_example(attention))
@@ -134,6 +138,9 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
         for old in branch.nodes:
             node = by_name[old.name]
             if node in env or old not in branch.token_axes:
+                continue
+            if old in branch.bypass:  # a joint sequence's cat or closing slice
+                env[node] = env[by_name[branch.bypass[old].name]]
                 continue
             clone = graph.node_copy(node, lambda n: env.get(n, n))
             if node.target in SIZE_ARG_OPS:

@@ -67,6 +67,10 @@ class Branch:
     partial_reason: str | None = None  # None: PARTIAL-able (token-wise)
     # attention_mlp: the attention whose output PARTIAL steps reuse (cached at FULL steps)
     reused_attention: Node | None = field(repr=False, default=None)
+    # per-token side inputs (rotary tables, per-token modulation) -> (token axis, rank)
+    side_inputs: dict[Node, tuple[int, int]] = field(repr=False, default_factory=dict)
+    # cat/slice pairs around a joint sequence: node -> the node whose value it takes
+    bypass: dict[Node, Node] = field(repr=False, default_factory=dict)
 
     @property
     def partial_ok(self) -> bool:
@@ -241,15 +245,17 @@ def _mark_attention_mlp(branch: Branch) -> None:
     out, skip = _tensor_shape(attention), _tensor_shape(branch.skip)
     if len(heavy) < 2 or out is None or (out[0], out[-2]) != skip[:2]:
         return
+    side: dict[Node, tuple[int, int]] = {}
     try:
-        axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2})
+        axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2},
+                          side_inputs=side)
     except NotTokenWise as error:
         branch.partial_reason = f"attention with a parallel MLP, but {error}"
         return
     if axes.get(branch.output) != 1:
         return
     branch.kind, branch.partial_reason = "attention_mlp", None
-    branch.token_axes, branch.reused_attention = axes, attention
+    branch.token_axes, branch.reused_attention, branch.side_inputs = axes, attention, side
 
 
 def _mark_partial(branch: Branch) -> None:
@@ -257,12 +263,17 @@ def _mark_partial(branch: Branch) -> None:
     if branch.kind == "self_attention":
         _mark_attention_mlp(branch)
         return
+    side: dict[Node, tuple[int, int]] = {}
+    bypass: dict[Node, Node] = {}
+    spans: dict[Node, tuple[int, int]] = {}
     try:
-        axes = token_axes(branch.nodes, branch.skip, axis=1)
+        axes = token_axes(branch.nodes, branch.skip, axis=1, side_inputs=side, bypass=bypass,
+                          spans=spans)
     except NotTokenWise as error:
         branch.partial_reason = str(error)
         return
-    if axes.get(branch.output) != 1 or len(_tensor_shape(branch.output) or ()) != 3:
+    if axes.get(branch.output) != 1 or len(_tensor_shape(branch.output) or ()) != 3 \
+            or branch.output in spans:
         branch.partial_reason = "the cached value is not a [batch, tokens, channels] tensor"
         return
-    branch.token_axes = axes
+    branch.token_axes, branch.side_inputs, branch.bypass = axes, side, bypass

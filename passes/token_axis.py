@@ -79,13 +79,29 @@ def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> 
 
 
 def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1,
-               cached: dict[Node, int] | None = None) -> dict[Node, object]:
+               cached: dict[Node, int] | None = None,
+               side_inputs: dict[Node, tuple[int, int]] | None = None,
+               bypass: dict[Node, Node] | None = None,
+               spans: dict[Node, tuple[int, int]] | None = None) -> dict[Node, object]:
     """Token axis of every node of a branch (`nodes`, in graph order).
 
     `cached` maps nodes whose values come from a cache (gathered per token, not
     computed) to their token axis. Values are an int, or a tuple of ints/None for ops
-    returning several tensors. Raises `NotTokenWise` naming the first op that mixes tokens.
+    returning several tensors. Per-token side inputs of pointwise ops (rotary tables,
+    per-token modulation) are recorded in `side_inputs` as (token axis, rank) once
+    left-padded to the rank of the op that reads them: a PARTIAL step gathers them at
+    the chosen tokens.
+
+    Other tokens may ride along: `cat([other, x], dim=tokens)` ... `y[:, start:end]`
+    (CogVideoX runs one MLP over text and image tokens, then slices each stream back).
+    Nodes in between get a `spans` entry (start, length) of the branch's tokens; a
+    PARTIAL step runs them on the chosen tokens only, so the cat and the closing slice
+    are in `bypass` (node -> the node whose value it takes).
+    Raises `NotTokenWise` naming the first op that mixes tokens.
     """
+    side_inputs = {} if side_inputs is None else side_inputs
+    bypass = {} if bypass is None else bypass
+    spans = {} if spans is None else spans
     axes: dict[Node, object] = {branch_input: axis, **(cached or {})}
     num_tokens = _shape(branch_input)[axis]
     for node in nodes:
@@ -94,8 +110,55 @@ def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1,
         carried = [a for a in node.all_input_nodes if a in axes]
         if not carried:
             continue
-        axes[node] = _node_axis(node, axes, num_tokens)
+        if _opens_span(node, axes, spans, bypass) or _closes_span(node, axes, spans, bypass):
+            continue
+        span = {spans.get(a) for a in carried}
+        if len(span) > 1:
+            raise _fail(node, "combines tensors that carry different extra tokens")
+        span = span.pop()
+        known_side = len(side_inputs)
+        axes[node] = _node_axis(node, axes, num_tokens, side_inputs)
+        if span is not None:
+            if len(side_inputs) != known_side:
+                raise _fail(node, "reads a per-token side input next to extra tokens")
+            spans[node] = span
     return axes
+
+
+def _opens_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[int, int]],
+                bypass: dict[Node, Node]) -> bool:
+    """`cat([other, x, ...], dim=token axis)` with one token-carrying input."""
+    if node.target is not aten.cat.default:
+        return False
+    tensors = list(node.args[0])
+    carried = [t for t in tensors if t in axes]
+    if len(carried) != 1 or carried[0] in spans or not isinstance(axes[carried[0]], int):
+        return False
+    x = carried[0]
+    axis = axes[x]
+    if _norm_dim(_arg(node, 1, "dim", 0), len(_shape(x))) != axis:
+        return False
+    start = sum(_shape(t)[axis] for t in tensors[:tensors.index(x)])
+    axes[node], spans[node], bypass[node] = axis, (start, _shape(x)[axis]), x
+    return True
+
+
+def _closes_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[int, int]],
+                 bypass: dict[Node, Node]) -> bool:
+    """`y[:, start:start + length]` taking back exactly the branch's tokens."""
+    src = node.args[0] if node.args else None
+    if node.target is not aten.slice.Tensor or src not in spans:
+        return False
+    axis, (start, length) = axes[src], spans[src]
+    total = _shape(src)[axis]
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(src)))
+    begin, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    begin = 0 if begin is None else begin + (total if begin < 0 else 0)
+    end = total if end is None else min(end + (total if end < 0 else 0), total)
+    if dim != axis or step != 1 or (begin, end) != (start, start + length):
+        raise _fail(node, "slices other tokens than the branch's out of a joint sequence")
+    axes[node], bypass[node] = axis, src
+    return True
 
 
 def _arg(node: Node, index: int, name: str, default: object) -> object:
@@ -108,7 +171,8 @@ def _fail(node: Node, why: str) -> NotTokenWise:
     return NotTokenWise(f"{node.name} ({node.target}) {why}")
 
 
-def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> object:
+def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int,
+               side_inputs: dict[Node, tuple[int, int]]) -> object:
     target, args = node.target, node.args
     out_shape = _shape(node)
     src = args[0] if args else None
@@ -136,7 +200,7 @@ def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> object:
     if target in _SHAPE_PRESERVING:
         return axes[src]
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
-        return _pointwise_axis(node, axes, num_tokens)
+        return _pointwise_axis(node, axes, side_inputs)
     if target in _LINEAR or target in _LEFT_MATMUL:
         axis = axes[src]
         if any(a in axes for a in node.all_input_nodes if a is not src):
@@ -193,7 +257,8 @@ def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> object:
     raise _fail(node, "is not known to be token-wise")
 
 
-def _pointwise_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> int:
+def _pointwise_axis(node: Node, axes: dict[Node, object],
+                    side_inputs: dict[Node, tuple[int, int]]) -> int:
     out_shape = _shape(node)
     out_ndim = len(out_shape)
     aligned = {out_ndim - len(_shape(a)) + axes[a] for a in node.all_input_nodes if a in axes}
@@ -205,8 +270,14 @@ def _pointwise_axis(node: Node, axes: dict[Node, object], num_tokens: int) -> in
         if other in axes or shape is None:
             continue
         pos = axis - (out_ndim - len(shape))
-        if pos >= 0 and shape[pos] != 1:
-            raise _fail(node, f"reads a per-token side input {other.name} of shape {list(shape)}")
+        if pos < 0 or shape[pos] == 1:
+            continue  # broadcast over tokens
+        padded_batch = shape[0] if len(shape) == out_ndim else 1
+        if shape[pos] != out_shape[axis] or axis == 0 or padded_batch not in (1, out_shape[0]) \
+                or side_inputs.get(other, (axis, out_ndim)) != (axis, out_ndim):
+            raise _fail(node, f"reads a side input {other.name} of shape {list(shape)} that "
+                              "is neither per token nor broadcast over tokens")
+        side_inputs[other] = (axis, out_ndim)
     return axis
 
 

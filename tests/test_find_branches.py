@@ -45,7 +45,7 @@ def test_unsupported_model_names_class_and_findings():
 
 
 class PositionalMLP(torch.nn.Module):
-    """x + mlp(x + pos): the pos table is per token, so the branch is not PARTIAL-able."""
+    """x + mlp(x + pos): the pos table is per token, gathered with the tokens."""
 
     def __init__(self):
         super().__init__()
@@ -56,7 +56,28 @@ class PositionalMLP(torch.nn.Module):
         return hidden_states + self.mlp(hidden_states + self.pos)
 
 
-def test_token_analysis_rejects_per_token_side_input():
-    (branch,) = branches_of(PositionalMLP(), {"hidden_states": torch.randn(1, 4, 8)})
-    assert branch.kind == "mlp" and not branch.partial_ok
-    assert "per-token side input" in branch.partial_reason
+def test_per_token_side_input_is_recorded_for_gathering():
+    (branch,) = branches_of(PositionalMLP(), {"hidden_states": torch.randn(2, 4, 8)})
+    assert branch.kind == "mlp" and branch.partial_ok
+    assert [(node.target, where) for node, where in branch.side_inputs.items()] == [
+        ("pos", (1, 3))]  # tokens on axis 1 of a rank-3 op
+
+
+class JointMLP(torch.nn.Module):
+    """One MLP over cat(text, image) tokens, each stream sliced back (CogVideoX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, text):
+        out = self.mlp(torch.cat([text, hidden_states], dim=1))
+        return hidden_states + out[:, text.shape[1]:], text + out[:, :text.shape[1]]
+
+
+def test_joint_sequence_cat_and_slice_are_bypassed():
+    image, text = branches_of(JointMLP(), {"hidden_states": torch.randn(2, 4, 8),
+                                           "text": torch.randn(2, 3, 8)})
+    assert image.partial_ok and text.partial_ok
+    assert sorted(node.target.__name__ for node in image.bypass) == ["cat.default", "slice.Tensor"]
+    assert image.num_tokens == 4 and text.num_tokens == 3

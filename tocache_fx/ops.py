@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "gather_tokens", "scatter_tokens", "advance_staleness", "select_tokens",
+    "gather_tokens", "gather_side_input", "scatter_tokens", "advance_staleness", "select_tokens",
     "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
 ]
 
@@ -32,6 +32,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int = 1) -> torch.Te
     if axis != 1:
         return gather_tokens(x.movedim(axis, 1), idx).movedim(1, axis)
     return x.gather(1, _token_index(idx, x))
+
+
+def gather_side_input(x: torch.Tensor, idx: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    """Tokens `idx` ([B, k]) of a per-token side input (a rotary table, per-token
+    modulation) read by an op of rank `rank` with tokens along `axis`: `x` is left-padded
+    to that rank, broadcast over the batch, and gathered -> k tokens along `axis`."""
+    x = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape))
+    if x.shape[0] == 1:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    return gather_tokens(x, idx, axis)
 
 
 def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
