@@ -32,7 +32,7 @@ def test_dominance():
     def row(name, speed, quality, peer=None, policy=None):
         return {"setting": name, "latency_speedup": speed, "psnr": quality, "peer": peer,
                 "policy": policy, "steps": 50, "model": "dit"}
-    rows = [row("ours fast", 3.0, 30.0, policy={}), row("ours slow", 2.0, 35.0, policy={}),
+    rows = [row("ours fast", 3.0, 30.0, policy={"policy": "ToCa"}), row("ours slow", 2.0, 35.0, policy={"policy": "ToCa"}),
             row("peer A", 1.5, 32.0, peer="diffusers PAB"),
             row("peer B", 2.5, 31.0, peer="cache-dit DBCache"),
             row("peer C", 3.5, 20.0, peer="diffusers MagCache")]
