@@ -113,8 +113,9 @@ FLUX_TEXT_TOKENS = 8
 """Length of the fixed per-class ``encoder_hidden_states`` sequence."""
 FLUX_SHIFT = 1.0
 """``FlowMatchEulerDiscreteScheduler`` shift used for sampling the flux digits model."""
-FLUX_GUIDANCE_SCALE = 4.0
-"""Default classifier-free guidance scale of :func:`sample_flux_digits`."""
+FLUX_GUIDANCE_SCALE = 2.0
+"""Default classifier-free guidance scale of :func:`sample_flux_digits` (best judge accuracy/FD
+of 1.5, 2, 3 and 5 in a 100-sample probe: see the flux-digits model card)."""
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
