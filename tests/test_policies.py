@@ -10,7 +10,7 @@ def test_dict_round_trip(policy):
 
 
 def test_repr_is_readable():
-    assert repr(FORA(interval=2)) == "FORA(interval=2, num_steps=None)"
+    assert repr(FORA(interval=2)) == "FORA(interval=2, num_steps=None, warmup=0)"
 
 
 def test_presets_follow_methods_md():

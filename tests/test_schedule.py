@@ -77,3 +77,11 @@ def test_toca_bounds_compiled_graphs():
 def test_steps_past_plan_are_full():
     schedule = build_schedule(FORA(interval=2), branches(), 4)
     assert schedule.plan(7) == schedule.full_plan()
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=3, warmup=4), DuCa(interval=3, warmup=4),
+                                    ToCa(interval=3, warmup=4, full_schedule="fixed")])
+def test_warmup_runs_the_first_steps_full_then_starts_the_cycle(policy):
+    kinds = build_schedule(policy, branches(), 12).table[:, 0].tolist()
+    full = [step for step, kind in enumerate(kinds) if kind == StepKind.FULL]
+    assert full == [0, 1, 2, 3, 4, 7, 10]

@@ -84,14 +84,17 @@ class NoCache(Policy):
 
 @dataclass(frozen=True)
 class FORA(Policy):
-    """FULL every `interval` steps; every attention and MLP branch reused in between."""
+    """FULL every `interval` steps; every attention and MLP branch reused in between.
+    The first `warmup` steps all run FULL (the cycle starts after them)."""
 
     interval: int = 3
     num_steps: int | None = None
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("interval", self.interval, 1)
+        _check_int("warmup", self.warmup, 0)
 
 
 FullSchedule = Literal["dit", "pixart", "flux", "fixed"]
@@ -119,7 +122,8 @@ class ToCa(Policy):
     `share_cfg_selection` (an even batch is [uncond; cond]: both halves recompute the
     same tokens), `query_chunk` (queries per chunk when scoring attention),
     `module_intervals` (per branch kind, its own FULL cycle inside partial steps, e.g.
-    `(("cross_attention", 6),)`, as the OpenSora configuration uses).
+    `(("cross_attention", 6),)`, as the OpenSora configuration uses), `warmup` (the
+    first steps all run FULL; the schedule starts after them).
 
     Example:
         >>> ToCa.pixart()
@@ -144,9 +148,11 @@ class ToCa(Policy):
     share_cfg_selection: bool = True
     query_chunk: int = 256
     module_intervals: tuple[tuple[BranchKind, int], ...] = ()
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_int("warmup", self.warmup, 0)
         object.__setattr__(self, "module_intervals",
                            tuple(tuple(pair) for pair in self.module_intervals))
         for kind, interval in self.module_intervals:
@@ -212,6 +218,7 @@ class DuCa(Policy):
     `selection` picks the recomputed tokens: "random" (shared by the CFG halves),
     "vnorm" (small value norms of the block's self-attention at the last FULL step) or
     "similarity" (least similar to a random `similarity_base` fraction of tokens).
+    The first `warmup` steps all run FULL (the cycle starts after them).
 
     Example:
         >>> DuCa(interval=3, cache_ratio=0.95, selection="random")
@@ -226,9 +233,11 @@ class DuCa(Policy):
     token_bucket: int = 8
     share_cfg_selection: bool = True
     seed: int = 0
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_int("warmup", self.warmup, 0)
         _check_int("interval", self.interval, 1)
         _check_float("cache_ratio", self.cache_ratio, 0.0, 1.0)
         _check_choice("selection", self.selection, ("random", "vnorm", "similarity"))

@@ -96,14 +96,14 @@ def _no_cache(policy: NoCache, branches: Sequence, num_steps: int) -> list[Plan]
 @_builder(FORA)
 def _fora(policy: FORA, branches: Sequence, num_steps: int) -> list[Plan]:
     reuse = (int(StepKind.PARTIAL),) + (0,) * len(branches)
-    return [_full(branches) if step % policy.interval == 0 else reuse
-            for step in range(num_steps)]
+    return [_full(branches) if step < policy.warmup or (step - policy.warmup) % policy.interval == 0
+            else reuse for step in range(num_steps)]
 
 
 def _toca_full_steps(policy: ToCa, num_steps: int) -> list[bool]:
     """FULL steps of ToCa: a static function of the step index (methods.md §2)."""
-    full = [policy.interval == 1] * num_steps
-    step = 0
+    full = [policy.interval == 1 or step < policy.warmup for step in range(num_steps)]
+    step = min(policy.warmup, num_steps)
     while step < num_steps:
         full[step] = True
         progress = step / num_steps
@@ -166,7 +166,7 @@ def _duca(policy: DuCa, branches: Sequence, num_steps: int) -> list[Plan]:
     aggressive = (int(StepKind.AGGRESSIVE),) + (0,) * len(branches)
     rows = []
     for step in range(num_steps):
-        offset = step % policy.interval
-        rows.append(_full(branches) if offset == 0
+        offset = (step - policy.warmup) % policy.interval
+        rows.append(_full(branches) if offset == 0 or step < policy.warmup
                     else conservative if offset % 2 == 1 else aggressive)
     return rows
