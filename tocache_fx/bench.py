@@ -75,17 +75,23 @@ def _dit_grid(steps: int, quick: bool) -> list[Setting]:
 
 def _flux_grid(steps: int, quick: bool) -> list[Setting]:
     grid = [Setting("uncached", steps=steps), Setting("Euler-14", steps=14),
+            Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
             Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps),
             Setting("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps), steps)]
     if quick:
         return grid
-    return grid[:2] + [Setting("Euler-20", steps=20), Setting("Euler-10", steps=10),
-                       Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
-                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + grid[2:] + [
-        Setting("ToCa N=2 R=90%", ToCa.flux(interval=2, num_steps=steps), steps),
-        Setting("ToCa N=4 R=90%", ToCa.flux(interval=4, num_steps=steps), steps),
+    return grid[:2] + [Setting("Euler-20", steps=20), Setting("Euler-10", steps=10)] + grid[2:3] + [
+        Setting(f"FORA N=2 warmup {w}", FORA(interval=2, warmup=w, num_steps=steps), steps)
+        for w in (4, 10, 14)] + [
+        Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps),
+        Setting("FORA N=3 warmup 14", FORA(interval=3, warmup=14, num_steps=steps), steps),
+    ] + grid[3:4] + [
+        Setting("ToCa N=2 R=90% warmup 4", ToCa.flux(interval=2, warmup=4, num_steps=steps),
+                steps),
         Setting("ToCa N=5 R=90%", ToCa.flux(interval=5, num_steps=steps), steps),
-        Setting("DuCa N=4 R=90%", DuCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
+        Setting("DuCa N=2 R=90% warmup 4",
+                DuCa(interval=2, cache_ratio=0.9, warmup=4, num_steps=steps), steps),
+    ] + grid[4:] + [
         Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
     ] + [Setting(name, steps=steps, peer=name) for name in FLUX_PEERS]
 
