@@ -85,3 +85,26 @@ def test_warmup_runs_the_first_steps_full_then_starts_the_cycle(policy):
     kinds = build_schedule(policy, branches(), 12).table[:, 0].tolist()
     full = [step for step, kind in enumerate(kinds) if kind == StepKind.FULL]
     assert full == [0, 1, 2, 3, 4, 7, 10]
+
+
+def test_opensora_per_kind_cycles_and_mlp_fraction():
+    kinds = ["self_attention", "cross_attention", "mlp"]
+    stack = [SimpleNamespace(index=i, block=0, kind=kind, partial_ok=kind != "self_attention",
+                             num_tokens=N) for i, kind in enumerate(kinds)]
+    table = build_schedule(ToCa.opensora(token_bucket=1), stack, 12).table.tolist()
+    assert [row[0] == StepKind.FULL for row in table] == [i % 6 == 0 for i in range(12)]
+    mlp_partial = round(0.15 * N)  # R = 85% on MLPs
+    cross_partial = round(0.1 * (1 - 0.4 * 0.5 / 0.6) * N)
+    for step in (3, 9):  # attention and MLP cycles (3) are due, cross-attention's (6) not
+        assert table[step][1:] == [N, cross_partial, N]
+    for step in (1, 2, 4, 5):
+        assert table[step][1:] == [0, cross_partial, mlp_partial]
+
+
+def test_branches_with_their_own_token_counts():
+    """Joint attention: the text stream's MLP plans k against its own 8 tokens."""
+    image = SimpleNamespace(index=0, block=0, kind="mlp", partial_ok=True, num_tokens=256)
+    text = SimpleNamespace(index=1, block=0, kind="mlp", partial_ok=True, num_tokens=8)
+    schedule = build_schedule(DuCa(interval=2, cache_ratio=0.5, token_bucket=1), [image, text], 4)
+    assert schedule.full_plan() == (StepKind.FULL, 256, 8)
+    assert schedule.plan(1) == (StepKind.PARTIAL, 128, 4)
