@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,9 @@ class OpaqueModule:
     flops_per_token: float
 
 
-REGISTRY: dict[int, OpaqueModule] = {}
-"""Every opaque module by key (`id` of the module); read by the op and by the analyses."""
+REGISTRY: weakref.WeakValueDictionary[int, OpaqueModule] = weakref.WeakValueDictionary()
+"""Every opaque module by key (`id` of the module), read by the op and by the analyses;
+entries live as long as the captured graph that holds them (`CapturedGraph.opaque`)."""
 
 
 @torch.library.custom_op("tocache::opaque_module", mutates_args=())
