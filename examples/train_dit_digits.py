@@ -74,6 +74,31 @@ def load_dataset(sample_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x * 2.0 - 1.0, torch.from_numpy(digits.target).long()
 
 
+def optimizer_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                   warmup: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor, step: int,
+                   args: argparse.Namespace) -> None:
+    """Backward, clipped AdamW step, LR warmup and the EMA update (warmed up like
+    diffusers' EMAModel)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    warmup.step()
+    decay = min(args.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def log_progress(losses: list[float], step: int, elapsed: float, args: argparse.Namespace) -> None:
+    """Print the mean loss of the last `--log-every` steps and the pace."""
+    if (step + 1) % args.log_every == 0 or step == 0:
+        recent = losses[-args.log_every:]
+        print(f"step {step + 1}/{args.steps} loss {sum(recent) / len(recent):.4f} "
+              f"{elapsed / (step + 1):.2f}s/step {elapsed / 60:.1f}min", flush=True)
+
+
 def build_model(args: argparse.Namespace) -> DiTTransformer2DModel:
     return DiTTransformer2DModel(
         sample_size=args.sample_size,
@@ -148,26 +173,11 @@ def main(argv: list[str] | None = None) -> None:
 
         pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        warmup.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warmup, as diffusers' EMAModel
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
+        optimizer_step(model, ema, opt, warmup, loss, step, args)
         losses.append(loss.item())
 
         elapsed = time.monotonic() - start
-        if (step + 1) % args.log_every == 0 or step == 0:
-            recent = losses[-args.log_every :]
-            print(
-                f"step {step + 1}/{args.steps} loss {sum(recent) / len(recent):.4f} "
-                f"{elapsed / (step + 1):.2f}s/step {elapsed / 60:.1f}min",
-                flush=True,
-            )
+        log_progress(losses, step, elapsed, args)
         if args.max_minutes and elapsed > args.max_minutes * 60:
             stopped_early = step + 1 < args.steps
             print(f"time budget of {args.max_minutes} min reached at step {step + 1}", flush=True)

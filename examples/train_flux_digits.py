@@ -47,7 +47,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_dit_digits import load_dataset  # noqa: E402
+from train_dit_digits import load_dataset, log_progress, optimizer_step  # noqa: E402
 
 from tocache_fx.sampling import (  # noqa: E402
     FLUX_PROMPTS_FILE,
@@ -191,26 +191,11 @@ def main(argv: list[str] | None = None) -> None:
             return_dict=False,
         )[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        warmup.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warmup, as diffusers' EMAModel
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
+        optimizer_step(model, ema, opt, warmup, loss, step, args)
         losses.append(loss.item())
 
         elapsed = time.monotonic() - start
-        if (step + 1) % args.log_every == 0 or step == 0:
-            recent = losses[-args.log_every :]
-            print(
-                f"step {step + 1}/{args.steps} loss {sum(recent) / len(recent):.4f} "
-                f"{elapsed / (step + 1):.2f}s/step {elapsed / 60:.1f}min",
-                flush=True,
-            )
+        log_progress(losses, step, elapsed, args)
         if args.max_minutes and elapsed > args.max_minutes * 60:
             stopped_early = step + 1 < args.steps
             print(f"time budget of {args.max_minutes} min reached at step {step + 1}", flush=True)
