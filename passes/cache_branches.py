@@ -13,6 +13,10 @@ Ensures: for every branch with `k_b`
     `scatter_tokens` writes the result into `cache.b`, which the gate then reads. An
     `attention_mlp` branch (single-stream block) reads its attention output from slot
     `attn.b`, stored at the last FULL step, gathered at the same tokens.
+With a forecast `(terms, distance)` (`TaylorSeer`), a FULL step also writes the finite
+differences `diff<i>.b` of its value against the previous FULL step's (`terms` of them,
+over `distance` steps), and a REUSE step feeds the gate the Taylor forecast of
+`cache.b` with `terms` differences, `distance` steps ahead.
 The current step's gate is always re-applied to the cached value. Inserted nodes
 carry `meta["tocache"]` naming their role and branch.
 
@@ -50,7 +54,8 @@ def _staleness_example(branch: Branch) -> torch.Tensor:
 
 
 def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
-                   layout: CacheLayout, state: GraphState) -> bool:
+                   layout: CacheLayout, state: GraphState,
+                   forecast: tuple[int, int] = (0, 0)) -> bool:
     """Apply the plan's FULL / REUSE / PARTIAL form to every branch (see module doc)."""
     by_name = {node.name: node for node in gm.graph.nodes}
     modified = False
@@ -59,9 +64,9 @@ def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int,
             continue
         num_tokens = branch.num_tokens
         if k >= num_tokens:
-            _store_full(branch, by_name, layout, state)
+            _store_full(branch, by_name, layout, state, forecast)
         elif k == 0:
-            _reuse(branch, by_name, layout, state)
+            _reuse(branch, by_name, layout, state, forecast)
         else:
             _partial(gm, branch, k, by_name, layout, state)
         modified = True
@@ -69,8 +74,18 @@ def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int,
 
 
 def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
-                state: GraphState) -> None:
-    state.write(f"cache.{branch.index}", by_name[branch.output.name])
+                state: GraphState, forecast: tuple[int, int]) -> None:
+    output = by_name[branch.output.name]
+    terms, distance = forecast
+    if terms:
+        slots = [f"cache.{branch.index}"] + [f"diff{i}.{branch.index}" for i in range(1, terms)]
+        olds = [state.read(slot, slot_example(branch.output)) for slot in slots]
+        new = output
+        for order, old in enumerate(olds, start=1):
+            with output.graph.inserting_after(new):
+                new = output.graph.call_function(ops.finite_difference, (new, old, distance))
+            state.write(f"diff{order}.{branch.index}", _tag(new, "forecast", branch))
+    state.write(f"cache.{branch.index}", output)
     if branch.index in layout.attention:
         state.write(f"attn.{branch.index}", by_name[branch.reused_attention.name])
     if branch.index in layout.staleness:
@@ -81,9 +96,18 @@ def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
 
 
 def _reuse(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
-           state: GraphState) -> None:
+           state: GraphState, forecast: tuple[int, int]) -> None:
     cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
-    by_name[branch.consumer.name].replace_input_with(by_name[branch.output.name], cache)
+    consumer = by_name[branch.consumer.name]
+    terms, distance = forecast
+    if terms:
+        differences = [state.read(f"diff{i}.{branch.index}", slot_example(branch.output))
+                       for i in range(1, terms + 1)]
+        with cache.graph.inserting_before(consumer):
+            cache = _tag(cache.graph.call_function(ops.taylor_forecast,
+                                                   (cache, differences, distance)),
+                         "forecast", branch)
+    consumer.replace_input_with(by_name[branch.output.name], cache)
     if branch.index in layout.staleness:
         stale = state.read(f"stale.{branch.index}", _staleness_example(branch))
         graph = cache.graph

@@ -1,11 +1,13 @@
 """Eager numerics of the transformed model against the original and references."""
 
+import math
+
 import pytest
 import torch
 
 from conftest import denoise, dit_inputs, make_dit, pixart_inputs
 import tocache_fx
-from tocache_fx import FORA, DuCa, NoCache, ToCa
+from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
 from tocache_fx.explain import schedule_flops
 
 STEPS = 10
@@ -29,8 +31,8 @@ def test_no_cache_is_bitwise_original_pixart(pixart):
     assert torch.equal(denoise(cached(pixart, NoCache()), pixart_inputs, 4), reference)
 
 
-@pytest.mark.parametrize("policy", [FORA(interval=1), ToCa(interval=1), DuCa(interval=1),
-                                    ToCa.pixart(interval=1)])
+@pytest.mark.parametrize("policy", [FORA(interval=1), TaylorSeer(interval=1, order=2),
+                                    ToCa(interval=1), DuCa(interval=1), ToCa.pixart(interval=1)])
 def test_interval_one_is_original(dit, dit_reference, policy):
     assert torch.equal(denoise(cached(dit, policy), dit_inputs, STEPS), dit_reference)
 
@@ -44,19 +46,28 @@ def test_caching_changes_output_but_stays_close(dit, dit_reference, policy):
     assert torch.equal(out[0], dit_reference[0])  # step 0 is always FULL
 
 
-def fora_with_hooks(model, interval: int):
-    """An independent FORA: forward hooks replay attn1/ff outputs between FULL steps."""
-    stored, calls = {}, {"n": -1}
+def fora_with_hooks(model, interval: int, order: int = 0):
+    """An independent FORA / TaylorSeer: forward hooks replay (order 0) or extrapolate
+    (order 1, 2: Taylor series of finite differences over FULL steps) attn1/ff outputs
+    between FULL steps."""
+    derivatives, last_full, calls = {}, {}, {"n": -1}
 
     def count(module, args, kwargs):
         calls["n"] += 1
 
     def replay(name):
         def hook(module, args, output):
-            if calls["n"] % interval == 0:
-                stored[name] = output
+            step = calls["n"]
+            if step % interval == 0:
+                old = derivatives.get(name, [])
+                new = [output]
+                for i in range(min(order, len(old))):
+                    new.append((new[i] - old[i]) / (step - last_full[name]))
+                derivatives[name], last_full[name] = new, step
                 return output
-            return stored[name]
+            distance = step - last_full[name]
+            return sum(d * distance ** i / math.factorial(i)
+                       for i, d in enumerate(derivatives[name]))
         return hook
 
     handles = [model.register_forward_pre_hook(count, with_kwargs=True)]
@@ -66,15 +77,24 @@ def fora_with_hooks(model, interval: int):
     return handles
 
 
-def test_fora_matches_hook_reference(dit):
-    handles = fora_with_hooks(dit, interval=3)
+@pytest.mark.parametrize("policy", [FORA(interval=3), TaylorSeer(interval=3),
+                                    TaylorSeer(interval=2, order=2)])
+def test_fora_and_taylorseer_match_hook_reference(dit, policy):
+    handles = fora_with_hooks(dit, policy.interval, getattr(policy, "order", 0))
     try:
         reference = denoise(dit, dit_inputs, STEPS)
     finally:
         for handle in handles:
             handle.remove()
-    out = denoise(cached(dit, FORA(interval=3)), dit_inputs, STEPS)
-    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+    out = denoise(cached(dit, policy), dit_inputs, STEPS)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+
+
+def test_taylorseer_forecast_differs_from_reuse(dit):
+    fora = denoise(cached(dit, FORA(interval=3)), dit_inputs, STEPS)
+    taylor = denoise(cached(dit, TaylorSeer(interval=3)), dit_inputs, STEPS)
+    assert torch.equal(fora[:4], taylor[:4])  # no difference exists before the 2nd FULL step
+    assert not torch.allclose(fora[4:], taylor[4:])
 
 
 @pytest.mark.parametrize("policy", [ToCa(cache_ratio=0.5), DuCa(interval=3, cache_ratio=0.5)])

@@ -1,9 +1,9 @@
 import pytest
 
-from tocache_fx import FORA, DuCa, NoCache, ToCa, policy_from_dict
+from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa, policy_from_dict
 
 
-@pytest.mark.parametrize("policy", [NoCache(), FORA(interval=2), ToCa(), ToCa.pixart(),
+@pytest.mark.parametrize("policy", [NoCache(), FORA(interval=2), TaylorSeer(order=2), ToCa(), ToCa.pixart(),
                                     ToCa.dit_ddpm250(), DuCa(selection="vnorm")])
 def test_dict_round_trip(policy):
     assert policy_from_dict(policy.to_dict()) == policy
@@ -32,6 +32,8 @@ def test_presets_follow_methods_md():
     (lambda: ToCa(attention_score="x"), "attention_score", "auto"),
     (lambda: ToCa(time_phases=9), "time_phases", "[1, 4]"),
     (lambda: FORA(num_steps=0), "num_steps", ">= 1"),
+    (lambda: TaylorSeer(order=3), "order", "[1, 2]"),
+    (lambda: TaylorSeer(order=0), "order", "[1, 2]"),
 ])
 def test_invalid_values_name_parameter_and_range(make, parameter, valid):
     with pytest.raises(ValueError) as error:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import dit_inputs, make_dit
-from tocache_fx import FORA, DuCa, ToCa, StepKind, build_schedule, ops
+from tocache_fx import FORA, DuCa, TaylorSeer, ToCa, StepKind, build_schedule, ops
 from tocache_fx.capture import capture
 from tocache_fx.layout import plan_layout
 from tocache_fx.passes.find_branches import find_branches
@@ -73,6 +73,32 @@ def test_reuse_plan_removes_every_block_computation():
     token_linears = [n for n in reuse.graph_module.graph.nodes
                      if n.target is aten.linear.default and n.meta["val"].dim() == 3]
     assert [n.name for n in token_linears] == ["linear_30"]  # the final projection only
+
+
+def test_taylorseer_full_step_writes_differences_and_reuse_step_forecasts():
+    _, _, captured, branches, schedule, layout = setup(TaylorSeer(interval=3, order=2))
+    cached = [f"cache.{b.index}" for b in branches]
+    diff1, diff2 = ([f"diff{i}.{b.index}" for b in branches] for i in (1, 2))
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout,
+                            schedule.forecast_at(6))  # the third FULL step: (2, 3)
+    assert schedule.forecast_at(6) == (2, 3)
+    assert sorted(full.reads) == sorted(cached + diff1)
+    assert sorted(full.writes) == sorted(diff1 + diff2 + cached)
+    differences = [n for n in full.graph_module.graph.nodes if n.target is ops.finite_difference]
+    assert len(differences) == 2 * len(branches)
+    assert all(n.args[2] == 3 for n in differences)
+    untouched = targets(full) - Counter({ops.finite_difference: 2 * len(branches)})
+    assert untouched == Counter(n.target for n in captured.graph_module.graph.nodes
+                                if n.op == "call_function")
+
+    reuse = build_step_graph(captured.graph_module, branches, schedule.plan(8), layout,
+                             schedule.forecast_at(8))  # two steps after FULL step 6
+    assert sorted(reuse.reads) == sorted(cached + diff1 + diff2) and reuse.writes == []
+    forecasts = [n for n in reuse.graph_module.graph.nodes if n.target is ops.taylor_forecast]
+    assert len(forecasts) == len(branches) and all(n.args[2] == 2 for n in forecasts)
+    assert all(n.meta["tocache"].startswith("forecast") and len(n.args[1]) == 2
+               and len(n.users) == 1 for n in forecasts)  # each feeds its branch's gate
+    assert targets(reuse)[aten.scaled_dot_product_attention.default] == 0
 
 
 def test_aggressive_plan_runs_no_block():

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tocache_fx import FORA, DuCa, NoCache, StepKind, ToCa, build_schedule
+from tocache_fx import FORA, DuCa, NoCache, StepKind, TaylorSeer, ToCa, build_schedule
 
 
 def branches(num_blocks: int = 4):
@@ -37,6 +37,20 @@ def test_duca_cycle_full_conservative_aggressive():
     conservative = table[1, 1:].tolist()
     assert conservative[0::2] == [0] * 4  # self-attention reused
     assert conservative[1::2] == [round(0.1 * N)] * 4  # MLPs recompute 10% of tokens
+
+
+def test_taylorseer_forecast_terms_and_distances():
+    schedule = build_schedule(TaylorSeer(interval=3, warmup=2, order=2), branches(), 9)
+    assert schedule.table.tolist() == build_schedule(FORA(interval=3, warmup=2), branches(),
+                                                     9).table.tolist()
+    # FULL at 0, 1, 2, 5, 8: differences need earlier FULL steps, up to `order` of them
+    assert schedule.forecast == ((0, 0), (1, 1), (2, 1), (2, 1), (2, 2), (2, 3), (2, 1),
+                                 (2, 2), (2, 3))
+    assert schedule.forecast_at(9) == (0, 0)  # past the plan: FULL, nothing forecast
+    assert len(schedule.variants()) == 6 and len(schedule.plans()) == 2
+    first_order = build_schedule(TaylorSeer(interval=2), branches(), 5).forecast
+    assert first_order == ((0, 0), (0, 1), (1, 2), (1, 1), (1, 2))
+    assert build_schedule(FORA(interval=2), branches(), 5).forecast == ()
 
 
 @pytest.mark.parametrize("policy", [FORA(interval=1), ToCa(interval=1), DuCa(interval=1)])

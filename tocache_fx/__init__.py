@@ -14,13 +14,13 @@ import torch
 
 from .errors import CacheStateError, UnsupportedModelError
 from .explain import explain
-from .policies import FORA, DuCa, NoCache, Policy, ToCa, policy_from_dict
+from .policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa, policy_from_dict
 from .runtime import CachedTransformer
 from .schedule import Schedule, StepKind, build_schedule
 
 __all__ = [
     "transform", "untransform", "explain", "CachedTransformer", "Policy", "NoCache", "FORA",
-    "ToCa", "DuCa", "policy_from_dict", "Schedule", "StepKind", "build_schedule",
+    "TaylorSeer", "ToCa", "DuCa", "policy_from_dict", "Schedule", "StepKind", "build_schedule",
     "UnsupportedModelError", "CacheStateError",
 ]
 __version__ = "0.1.0"
@@ -40,7 +40,7 @@ def transform(model: torch.nn.Module, policy: Policy, *, compile: bool = True,
         >>> cached(hidden_states=x, timestep=t, class_labels=y).sample.shape
     """
     if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a tocache_fx Policy (NoCache, FORA, ToCa, DuCa), "
+        raise TypeError(f"policy must be a tocache_fx Policy (NoCache, FORA, TaylorSeer, ToCa, DuCa), "
                         f"got {type(policy).__name__}")
     if isinstance(model, CachedTransformer):
         model = model.original

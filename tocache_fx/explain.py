@@ -106,6 +106,6 @@ def explain(cached, num_steps: int | None = None) -> str:
         "",
         f"schedule: {schedule.num_steps} steps, {flops['total'] / 1e9:.3f} GFLOPs vs "
         f"{flops['uncached_step'] * schedule.num_steps / 1e9:.3f} uncached: "
-        f"{flops['speedup']:.2f}x fewer FLOPs; {len(flops['per_plan'])} compiled graphs",
+        f"{flops['speedup']:.2f}x fewer FLOPs; {len(schedule.variants())} compiled graphs",
     ]
     return "\n".join(lines)

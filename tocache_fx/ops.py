@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "gather_tokens", "gather_side_input", "scatter_tokens", "advance_staleness", "select_tokens",
     "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
+    "finite_difference", "taylor_forecast",
 ]
 
 
@@ -55,6 +56,21 @@ def advance_staleness(staleness: torch.Tensor, idx: torch.Tensor | None) -> torc
     if idx is None:
         return staleness
     return staleness.scatter(1, idx, 0.0)
+
+
+def finite_difference(new: torch.Tensor, old: torch.Tensor, distance: int) -> torch.Tensor:
+    """One order higher difference per step: `(new - old) / distance`."""
+    return (new - old) / distance
+
+
+def taylor_forecast(value: torch.Tensor, differences: list[torch.Tensor],
+                    distance: int) -> torch.Tensor:
+    """`value` `distance` steps later: `value + Σ_i Δ^i value * distance^i / i!`."""
+    forecast, weight = value, 1.0
+    for order, difference in enumerate(differences, start=1):
+        weight = weight * distance / order
+        forecast = forecast + weight * difference
+    return forecast
 
 
 def _normalise(score: torch.Tensor) -> torch.Tensor:

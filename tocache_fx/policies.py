@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-__all__ = ["Policy", "NoCache", "FORA", "ToCa", "DuCa", "policy_from_dict"]
+__all__ = ["Policy", "NoCache", "FORA", "TaylorSeer", "ToCa", "DuCa", "policy_from_dict"]
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
@@ -95,6 +95,26 @@ class FORA(Policy):
         super().__post_init__()
         _check_int("interval", self.interval, 1)
         _check_int("warmup", self.warmup, 0)
+
+
+@dataclass(frozen=True)
+class TaylorSeer(FORA):
+    """FORA's steps, but a cached branch is forecast instead of reused (Liu et al.,
+    methods.md §5): every FULL step updates finite differences of each branch output
+    over the FULL steps so far, and a step `a` steps after the last FULL one uses the
+    Taylor series `f + a * Δf + a² / 2 * Δ²f` up to `order` (1 or 2). The forecast is a
+    few fused element-wise ops per branch; each difference is one more cache slot.
+
+    Example:
+        >>> TaylorSeer(interval=2, warmup=4)
+        TaylorSeer(interval=2, num_steps=None, warmup=4, order=1)
+    """
+
+    order: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("order", self.order, 1, 2)
 
 
 FullSchedule = Literal["dit", "pixart", "flux", "fixed"]

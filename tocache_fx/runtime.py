@@ -179,8 +179,9 @@ class CachedTransformer(torch.nn.Module):
             seed = getattr(self.policy, "seed", 0)  # random selections repeat per generation
             generation.generator = torch.Generator(prepared.device).manual_seed(seed)
         schedule, layout = self._schedule(prepared, generation.num_steps)
-        plan = schedule.plan(generation.tracker.step)
-        step_graph, run = self._step_graph(prepared, plan, layout)
+        step = generation.tracker.step
+        step_graph, run = self._step_graph(prepared, schedule.plan(step), layout,
+                                           schedule.forecast_at(step))
         inputs = prepared.captured.flatten(bound) + [
             self._slot(name, prepared, generation) for name in step_graph.reads]
         with torch.no_grad():
@@ -237,12 +238,12 @@ class CachedTransformer(torch.nn.Module):
             self._plans[key] = (schedule, layout)
         return self._plans[key]
 
-    def _step_graph(self, prepared: _Prepared, plan: tuple[int, ...],
-                    layout: CacheLayout) -> tuple[StepGraph, Any]:
-        key = (plan, repr(layout))
+    def _step_graph(self, prepared: _Prepared, plan: tuple[int, ...], layout: CacheLayout,
+                    forecast: tuple[int, int]) -> tuple[StepGraph, Any]:
+        key = (plan, forecast, repr(layout))
         if key not in prepared.step_graphs:
             prepared.step_graphs[key] = build_step_graph(
-                prepared.captured.graph_module, prepared.branches, plan, layout)
+                prepared.captured.graph_module, prepared.branches, plan, layout, forecast)
         step = prepared.step_graphs[key]
         compiled_key = key + (self.compile, self.compile_mode)
         if compiled_key not in prepared.compiled:

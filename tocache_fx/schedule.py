@@ -7,6 +7,11 @@ of branch b's tokens: compute and store), `0` (reuse the cache) or anything in b
 counts `N_b` (the text and image streams of joint attention, the spatial and temporal
 blocks of a video DiT). Each distinct row is one compiled graph.
 
+A forecasting policy (`TaylorSeer`) also gets `forecast[step] = (terms, distance)`: at
+a FULL step, how many finite differences to update and the steps since the previous
+FULL step; at a reusing step, how many Taylor terms to add and the steps since the
+last FULL step. Each distinct (row, forecast) pair is one compiled graph.
+
 Example:
     >>> schedule = build_schedule(FORA(interval=2), branches, num_steps=4)  # doctest: +SKIP
     >>> schedule.table
@@ -24,11 +29,12 @@ from enum import IntEnum
 
 import torch
 
-from .policies import FORA, DuCa, NoCache, Policy, ToCa
+from .policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa
 
 __all__ = ["StepKind", "Schedule", "build_schedule"]
 
 Plan = tuple[int, ...]
+Forecast = tuple[int, int]  # (terms, distance in steps); (0, 0) when nothing is forecast
 
 
 class StepKind(IntEnum):
@@ -43,6 +49,7 @@ class Schedule:
 
     table: torch.Tensor
     branch_tokens: tuple[int, ...]  # N_b, the tokens branch b computes at a FULL step
+    forecast: tuple[Forecast, ...] = ()  # per step, for forecasting policies only
 
     @property
     def num_steps(self) -> int:
@@ -57,9 +64,18 @@ class Schedule:
             return self.full_plan()
         return tuple(self.table[step].tolist())
 
+    def forecast_at(self, step: int) -> Forecast:
+        """`(terms, distance)` of `step`; (0, 0) without forecasting or past the plan."""
+        return self.forecast[step] if step < len(self.forecast) else (0, 0)
+
     def plans(self) -> list[Plan]:
-        """Distinct rows in order of first use (one compiled graph each)."""
+        """Distinct rows in order of first use."""
         return list(dict.fromkeys(tuple(row) for row in self.table.tolist()))
+
+    def variants(self) -> list[tuple[Plan, Forecast]]:
+        """Distinct (row, forecast) pairs in order of first use: one compiled graph each."""
+        return list(dict.fromkeys((self.plan(step), self.forecast_at(step))
+                                  for step in range(self.num_steps)))
 
 
 _BUILDERS: dict[type[Policy], Callable[..., list[Plan]]] = {}
@@ -75,8 +91,23 @@ def _builder(policy_type: type[Policy]) -> Callable:
 def build_schedule(policy: Policy, branches: Sequence, num_steps: int) -> Schedule:
     """The schedule tensor of `policy` for a generation of `num_steps` steps."""
     rows = _BUILDERS[type(policy)](policy, branches, num_steps)
+    forecast = _forecast(rows, policy.order) if isinstance(policy, TaylorSeer) else ()
     return Schedule(torch.tensor(rows, dtype=torch.int32).view(num_steps, 1 + len(branches)),
-                    tuple(b.num_tokens for b in branches))
+                    tuple(b.num_tokens for b in branches), forecast)
+
+
+def _forecast(rows: Sequence[Plan], order: int) -> tuple[Forecast, ...]:
+    """Per step `(terms, distance)`: differences need earlier FULL steps, so the first
+    FULL step updates none and a step after one FULL step forecasts with none."""
+    forecast, last_full, fulls = [], None, 0
+    for step, row in enumerate(rows):
+        distance = step - last_full if last_full is not None else 0
+        if row[0] == StepKind.FULL:
+            forecast.append((min(order, fulls), distance))
+            last_full, fulls = step, fulls + 1
+        else:
+            forecast.append((max(0, min(order, fulls - 1)), distance))
+    return tuple(forecast)
 
 
 def _full(branches: Sequence) -> Plan:
@@ -93,6 +124,7 @@ def _no_cache(policy: NoCache, branches: Sequence, num_steps: int) -> list[Plan]
     return [_full(branches)] * num_steps
 
 
+@_builder(TaylorSeer)
 @_builder(FORA)
 def _fora(policy: FORA, branches: Sequence, num_steps: int) -> list[Plan]:
     reuse = (int(StepKind.PARTIAL),) + (0,) * len(branches)

@@ -59,15 +59,16 @@ def _is_impure(node: Node) -> bool:
 
 
 def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
-                     layout: CacheLayout) -> StepGraph:
-    """Rewrite a copy of `base` for `plan` (a schedule row)."""
+                     layout: CacheLayout, forecast: tuple[int, int] = (0, 0)) -> StepGraph:
+    """Rewrite a copy of `base` for `plan` (a schedule row) and `forecast` (the step's
+    `Schedule.forecast_at`, for forecasting policies)."""
     gm = _copy(base)
     num_outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     state = GraphState(gm.graph)
     skip_blocks(gm, branches, plan, layout, state)
     if plan[0] != StepKind.AGGRESSIVE:
         attention_scores(gm, branches, plan, layout, state)
-        cache_branches(gm, branches, plan, layout, state)
+        cache_branches(gm, branches, plan, layout, state, forecast)
     state.finish()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
