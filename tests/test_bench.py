@@ -39,3 +39,13 @@ def test_dominance():
             row("peer C", 3.5, 20.0, peer="diffusers MagCache")]
     assert bench.dominance(rows) == [("peer A", "ours slow"), ("peer B", "ours fast"),
                                      ("peer C", None)]
+
+
+def test_dominance_of_an_exact_peer_point_needs_an_exact_faster_point():
+    def row(name, speed, quality, peer=None):
+        return {"setting": name, "latency_speedup": speed, "psnr": quality, "peer": peer,
+                "policy": None if peer else {"policy": "NoCache"}, "steps": 28, "model": "flux"}
+    exact_peer = row("peer exact", 0.95, 100.0, peer="cache-dit DBCache")
+    assert bench.dominance([row("ours", 5.0, 60.0), exact_peer]) == [("peer exact", None)]
+    assert bench.dominance([row("ours", 0.95, 100.0), exact_peer]) == [("peer exact", None)]
+    assert bench.dominance([row("ours", 1.0, 100.0), exact_peer]) == [("peer exact", "ours")]

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_rows(rows))
     for peer, winner in dominance(rows):
         print(f"{peer}: " + (f"dominated by {winner}" if winner else
-                             "not dominated (no tocache-fx row as fast with a higher PSNR)"))
+                             "not dominated (no tocache-fx row as fast and as close, better in one)"))
     for path in save(rows, images, args.out):
         print(f"wrote {path}")
 
