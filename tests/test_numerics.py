@@ -184,3 +184,13 @@ def test_explain_reports_branches_and_flops(dit):
     full = flops["per_plan"][flops["schedule"].full_plan()]
     assert full > flops["uncached_step"]  # FULL steps also score tokens (s1) for later
     assert all(f < full for plan, f in flops["per_plan"].items() if plan[0] != 0)
+
+
+def test_explain_counts_taylorseer_graphs_per_forecast(dit):
+    model = cached(dit, TaylorSeer(interval=3, order=2, num_steps=STEPS))
+    denoise(model, dit_inputs, STEPS)
+    schedule, _ = model.schedule_for()
+    text = tocache_fx.explain(model)
+    assert "FORECAST" in text and "REUSE" not in text
+    assert len(schedule.plans()) == 2 and f"{len(schedule.variants())} compiled graphs" in text
+    assert len(model._prepared[model._last_signature].step_graphs) == len(schedule.variants())

@@ -19,19 +19,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layout import CacheLayout
-from .schedule import StepKind
+from .schedule import Schedule, StepKind
 from .meta import fake_inputs
 from .variants import build_step_graph
 
 __all__ = ["explain", "step_flops", "schedule_flops"]
 
 
-def _plan_label(plan: tuple[int, ...], branch_tokens: tuple[int, ...]) -> str:
+def _plan_label(plan: tuple[int, ...], schedule: Schedule) -> str:
     kind = StepKind(plan[0])
     if kind is StepKind.PARTIAL:
-        ks = [k for k, n in zip(plan[1:], branch_tokens) if 0 < k < n]
+        ks = [k for k, n in zip(plan[1:], schedule.branch_tokens) if 0 < k < n]
         if not ks:
-            return "REUSE"
+            return "FORECAST" if schedule.forecast else "REUSE"
         return f"PARTIAL(k={min(ks)}..{max(ks)})" if min(ks) != max(ks) else f"PARTIAL(k={ks[0]})"
     return kind.name
 
@@ -61,7 +61,7 @@ def schedule_flops(cached, num_steps: int | None = None) -> dict[str, object]:
     return {"schedule": schedule, "per_plan": per_plan, "counts": counts,
             "uncached_step": uncached, "total": total,
             "speedup": uncached * schedule.num_steps / total if total else float("inf"),
-            "labels": {plan: _plan_label(plan, schedule.branch_tokens) for plan in per_plan}}
+            "labels": {plan: _plan_label(plan, schedule) for plan in per_plan}}
 
 
 def _opaque_lines(prepared) -> list[str]:
