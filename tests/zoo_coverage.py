@@ -4,7 +4,8 @@ Checks (the model is captured once; the policies share the capture via `with_pol
 `NoCache` and `ToCa(interval=1)` equal the original model over a short generation; a
 PARTIAL step run on the inputs of the FULL step before it reproduces its output;
 a ToCa and a DuCa policy run (compiled with inductor when asked, with recompiles made
-errors), give finite outputs, count the steps of the generation and save FLOPs. A model the pass cannot handle must raise
+errors), and a TaylorSeer policy runs eagerly; each gives finite outputs, counts the
+steps of the generation and saves FLOPs. A model the pass cannot handle must raise
 `UnsupportedModelError`; that is recorded as "not supported" with its message.
 
 ``python tests/zoo_coverage.py [--compile-all] [--write README.md] [ClassName ...]`` prints
@@ -31,7 +32,7 @@ from tabulate import tabulate
 from torch.utils import _pytree as pytree
 
 import tocache_fx
-from tocache_fx import DuCa, NoCache, ToCa, UnsupportedModelError
+from tocache_fx import DuCa, NoCache, TaylorSeer, ToCa, UnsupportedModelError
 from tocache_fx.explain import schedule_flops
 from tocache_fx.schedule import StepKind
 from tocache_fx.variants import build_step_graph
@@ -44,6 +45,9 @@ BATCH = 2
 POLICIES = {
     "ToCa": ToCa(num_steps=STEPS, interval=3, cache_ratio=0.5, time_phases=1),
     "DuCa": DuCa(num_steps=STEPS, interval=3, cache_ratio=0.5),
+}
+EAGER_POLICIES = {  # run without inductor on every model (cheap: no partial compute)
+    "TaylorSeer": TaylorSeer(num_steps=STEPS, interval=2, order=2),
 }
 COMPILED = {"DiTTransformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel",
             "SD3Transformer2DModel", "LatteTransformer3DModel", "WanTransformer3DModel",
@@ -125,8 +129,10 @@ def check(entry: ZooModel, compile: bool = False) -> Coverage:
     torch.testing.assert_close(once, reference, msg=lambda m: f"interval=1 differs: {m}")
     if any(b.partial_ok for b in base.last_prepared().branches):
         partial_reproduces_full(base.with_policy(REPRODUCE), entry)
-    for name, policy in POLICIES.items():
-        cached = base.with_policy(policy, compile=compile)
+    policies = [(name, policy, compile) for name, policy in POLICIES.items()] + [
+        (name, policy, False) for name, policy in EAGER_POLICIES.items()]
+    for name, policy, compiled in policies:
+        cached = base.with_policy(policy, compile=compiled)
         with torch._dynamo.config.patch(error_on_recompile=True):
             outputs = generate(cached, entry)
         assert all(t.isfinite().all() for step in outputs for t in step), f"{name}: not finite"
