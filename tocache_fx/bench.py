@@ -66,7 +66,9 @@ def _dit_grid(steps: int, quick: bool) -> list[Setting]:
         return grid
     return grid[:2] + [Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
                        Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
-                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + grid[2:] + [
+                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + [
+        Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
+        for n in (2, 3, 4)] + grid[2:] + [
         Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
         Setting("ToCa N=5 R=90% fixed", ToCa(interval=5, cache_ratio=0.9, full_schedule="fixed",
                                              time_weight=0.0, num_steps=steps), steps),
