@@ -59,16 +59,17 @@ class BenchModel:
 
 
 def _dit_grid(steps: int, quick: bool) -> list[Setting]:
-    grid = [Setting("uncached", steps=steps), Setting("DDIM-20", steps=20),
+    taylorseer = [Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
+                  for n in (2, 3, 4)]
+    grid = [Setting("uncached", steps=steps), Setting("DDIM-20", steps=20), taylorseer[1],
             Setting("ToCa N=3 R=93%", ToCa(num_steps=steps), steps),
             Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=steps), steps)]
     if quick:
         return grid
     return grid[:2] + [Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
                        Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
-                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)] + [
-        Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
-        for n in (2, 3, 4)] + grid[2:] + [
+                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)
+                       ] + taylorseer + grid[3:] + [
         Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
         Setting("ToCa N=5 R=90% fixed", ToCa(interval=5, cache_ratio=0.9, full_schedule="fixed",
                                              time_weight=0.0, num_steps=steps), steps),
