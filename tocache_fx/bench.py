@@ -59,51 +59,52 @@ class BenchModel:
 
 
 def _dit_grid(steps: int, quick: bool) -> list[Setting]:
-    taylorseer = [Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
-                  for n in (2, 3, 4)]
-    grid = [Setting("uncached", steps=steps), Setting("DDIM-20", steps=20), taylorseer[1],
-            Setting("ToCa N=3 R=93%", ToCa(num_steps=steps), steps),
-            Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=steps), steps)]
+    uncached, ddim20 = Setting("uncached", steps=steps), Setting("DDIM-20", steps=20)
+    taylorseer = {n: Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
+                  for n in (2, 3, 4)}
+    toca = Setting("ToCa N=3 R=93%", ToCa(num_steps=steps), steps)
+    duca = Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=steps), steps)
     if quick:
-        return grid
-    return grid[:2] + [Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
-                       Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
-                       Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps)
-                       ] + taylorseer + grid[3:] + [
+        return [uncached, ddim20, taylorseer[3], toca, duca]
+    return [
+        uncached, ddim20, Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
+        Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
+        Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps),
+        *taylorseer.values(), toca, duca,
         Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
         Setting("ToCa N=5 R=90% fixed", ToCa(interval=5, cache_ratio=0.9, full_schedule="fixed",
                                              time_weight=0.0, num_steps=steps), steps),
         Setting("DuCa N=4 R=95%", DuCa(interval=4, cache_ratio=0.95, num_steps=steps), steps),
         Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
-    ] + [Setting(name, steps=steps, peer=name) for name in PEERS]
+        *(Setting(name, steps=steps, peer=name) for name in PEERS),
+    ]
 
 
 def _flux_grid(steps: int, quick: bool) -> list[Setting]:
-    grid = [Setting("uncached", steps=steps), Setting("Euler-14", steps=14),
-            Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
-            Setting("TaylorSeer N=2", TaylorSeer(interval=2, num_steps=steps), steps),
-            Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps),
-            Setting("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps), steps)]
+    uncached, euler14 = Setting("uncached", steps=steps), Setting("Euler-14", steps=14)
+    fora = Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps)
+    taylorseer = Setting("TaylorSeer N=2", TaylorSeer(interval=2, num_steps=steps), steps)
+    toca = Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps)
+    duca = Setting("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps), steps)
     if quick:
-        return grid
-    fora, taylorseer, toca, duca = grid[2:3], grid[3:4], grid[4:5], grid[5:]
-    return grid[:1] + [
-        Setting("NoCache", NoCache(), steps),  # our compiled graph, nothing cached
-    ] + grid[1:2] + [Setting("Euler-20", steps=20), Setting("Euler-10", steps=10)] + fora + [
-        Setting(f"FORA N=2 warmup {w}", FORA(interval=2, warmup=w, num_steps=steps), steps)
-        for w in (4, 10, 14)] + [
-        Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps),
-    ] + taylorseer + [
-        Setting(f"TaylorSeer N=2 warmup {w}", TaylorSeer(interval=2, warmup=w, num_steps=steps),
-                steps) for w in (4, 10, 14, 22)] + toca + [
+        return [uncached, euler14, fora, taylorseer, toca, duca]
+    return [
+        uncached, Setting("NoCache", NoCache(), steps),  # our compiled graph, nothing cached
+        euler14, Setting("Euler-20", steps=20), Setting("Euler-10", steps=10), fora,
+        *(Setting(f"FORA N=2 warmup {w}", FORA(interval=2, warmup=w, num_steps=steps), steps)
+          for w in (4, 10, 14)),
+        Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps), taylorseer,
+        *(Setting(f"TaylorSeer N=2 warmup {w}",
+                  TaylorSeer(interval=2, warmup=w, num_steps=steps), steps)
+          for w in (4, 10, 14, 22)),
+        toca,
         Setting("ToCa N=2 R=90% warmup 4", ToCa.flux(interval=2, warmup=4, num_steps=steps),
                 steps),
         Setting("ToCa N=5 R=90%", ToCa.flux(interval=5, num_steps=steps), steps),
         Setting("DuCa N=2 R=90% warmup 4",
                 DuCa(interval=2, cache_ratio=0.9, warmup=4, num_steps=steps), steps),
-    ] + duca + [
-        Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
-    ] + [Setting(name, steps=steps, peer=name) for name in FLUX_PEERS] + [
+        duca, Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
+        *(Setting(name, steps=steps, peer=name) for name in FLUX_PEERS),
         # cache-dit's default thresholds cache little on this small model: tuned points too
         Setting("cache-dit DBCache threshold 0.16", steps=steps, peer="cache-dit DBCache",
                 peer_options=(("threshold", 0.16),)),
