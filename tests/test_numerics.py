@@ -46,7 +46,7 @@ def test_caching_changes_output_but_stays_close(dit, dit_reference, policy):
     assert torch.equal(out[0], dit_reference[0])  # step 0 is always FULL
 
 
-def fora_with_hooks(model, interval: int, order: int = 0):
+def branch_cache_with_hooks(model, interval: int, order: int = 0):
     """An independent FORA / TaylorSeer: forward hooks replay (order 0) or extrapolate
     (order 1, 2: Taylor series of finite differences over FULL steps) attn1/ff outputs
     between FULL steps."""
@@ -80,7 +80,7 @@ def fora_with_hooks(model, interval: int, order: int = 0):
 @pytest.mark.parametrize("policy", [FORA(interval=3), TaylorSeer(interval=3),
                                     TaylorSeer(interval=2, order=2)])
 def test_fora_and_taylorseer_match_hook_reference(dit, policy):
-    handles = fora_with_hooks(dit, policy.interval, getattr(policy, "order", 0))
+    handles = branch_cache_with_hooks(dit, policy.interval, getattr(policy, "order", 0))
     try:
         reference = denoise(dit, dit_inputs, STEPS)
     finally:
