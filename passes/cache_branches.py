@@ -8,21 +8,25 @@ Ensures: for every branch with `k_b`
     `cache.b` if a later step reuses it (staleness reset to 0);
   * `k_b = 0` (REUSE): the gate and the residual add read `cache.b` instead of `f`,
     so the branch becomes dead code;
-  * `0 < k_b < N` (PARTIAL): `select_tokens` picks k tokens, the branch is cloned to
-    run on the gathered `[B, k, C]` input (token sizes in reshapes edited to k), and
-    `scatter_tokens` writes the result into `cache.b`, which the gate then reads. An
-    `attention_mlp` branch (single-stream block) reads its attention output from slot
-    `attn.b`, stored at the last FULL step, gathered at the same tokens.
-With a forecast `(terms, distance)` (`TaylorSeer`), a FULL step also writes the finite
-differences `diff<i>.b` of its value against the previous FULL step's (`terms` of them,
-over `distance` steps), and a REUSE step feeds the gate the Taylor forecast of
-`cache.b` with `terms` differences, `distance` steps ahead.
+  * `0 < k_b < N` or `DYNAMIC` (PARTIAL): `select_tokens` picks k tokens, the branch
+    is cloned to run on the gathered `[B, k, C]` input (token sizes in reshapes edited
+    to k), and `scatter_tokens` writes the result into `cache.b`, which the gate then
+    reads. With `DYNAMIC`, k is the length of the graph input `ksize.b`, a dynamic size,
+    and `kvalid.b` how many of those tokens are really chosen: one compiled graph
+    serves every k (k = 1 runs as 2 with the top token twice). An `attention_mlp` branch (single-stream
+    block) reads its attention output from slot `attn.b`, stored at the last FULL
+    step, gathered at the same tokens.
+With `layout.forecast_order = m` (`TaylorSeer`), a FULL step also writes the finite
+differences `diff1.b .. diff<m>.b` of its value against the previous FULL step's, scaled
+by the step's coefficients (graph input `forecast`, zero where no difference is known
+yet), and a REUSE step feeds the gate `cache.b + sum_i forecast[i] * diff<i>.b`: the
+distances are data, so every FULL step shares one graph and every forecast another.
 The current step's gate is always re-applied to the cached value. Inserted nodes
 carry `meta["tocache"]` naming their role and branch.
 
 Example:
     >>> state = GraphState(gm.graph)                                        # doctest: +SKIP
-    >>> cache_branches(gm, branches, (1, 0, 24), layout, state)
+    >>> cache_branches(gm, branches, (1, 0, DYNAMIC), layout, state)
     True
 """
 
@@ -40,7 +44,10 @@ from .find_branches import Branch
 from .state import GraphState, slot_example
 from .token_axis import SIZE_ARG_OPS
 
-__all__ = ["cache_branches"]
+__all__ = ["cache_branches", "DYNAMIC"]
+
+DYNAMIC = -1
+"""A plan entry: PARTIAL with the token count given at run time by input `ksize.b`."""
 
 
 def _tag(node: Node, role: str, branch: Branch) -> Node:
@@ -48,43 +55,54 @@ def _tag(node: Node, role: str, branch: Branch) -> Node:
     return node
 
 
-def _staleness_example(branch: Branch) -> torch.Tensor:
+def _batch_tokens(branch: Branch) -> torch.Tensor:
     batch, tokens = branch.skip.meta["val"].shape[:2]
     return slot_example(branch.skip, dtype=torch.float32, shape=(batch, tokens))
 
 
 def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
-                   layout: CacheLayout, state: GraphState,
-                   forecast: tuple[int, int] = (0, 0)) -> bool:
+                   layout: CacheLayout, state: GraphState) -> bool:
     """Apply the plan's FULL / REUSE / PARTIAL form to every branch (see module doc)."""
     by_name = {node.name: node for node in gm.graph.nodes}
     modified = False
     for branch, k in zip(branches, plan[1:]):
         if branch.index not in layout.cached:
             continue
-        num_tokens = branch.num_tokens
-        if k >= num_tokens:
-            _store_full(branch, by_name, layout, state, forecast)
+        if k >= branch.num_tokens:
+            _store_full(branch, by_name, layout, state)
         elif k == 0:
-            _reuse(branch, by_name, layout, state, forecast)
+            _reuse(branch, by_name, layout, state)
         else:
             _partial(gm, branch, k, by_name, layout, state)
         modified = True
     return modified
 
 
+def _coefficient(state: GraphState, order: int, i: int, before: Node) -> Node:
+    """Element i of the step's forecast coefficients (graph input `forecast`)."""
+    vector = state.read("forecast", slot_example_shape((order,)))
+    with before.graph.inserting_before(before):
+        return before.graph.call_function(torch.ops.aten.select.int, (vector, 0, i))
+
+
+def slot_example_shape(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device="meta")
+
+
 def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
-                state: GraphState, forecast: tuple[int, int]) -> None:
+                state: GraphState) -> None:
     output = by_name[branch.output.name]
-    terms, distance = forecast
-    if terms:
-        slots = [f"cache.{branch.index}"] + [f"diff{i}.{branch.index}" for i in range(1, terms)]
-        olds = [state.read(slot, slot_example(branch.output)) for slot in slots]
+    order = layout.forecast_order
+    if order:
+        slots = [f"cache.{branch.index}"] + [f"diff{i}.{branch.index}" for i in range(1, order)]
+        olds = [state.read(slot, slot_example(branch.output), optional=True) for slot in slots]
         new = output
-        for order, old in enumerate(olds, start=1):
-            with output.graph.inserting_after(new):
-                new = output.graph.call_function(ops.finite_difference, (new, old, distance))
-            state.write(f"diff{order}.{branch.index}", _tag(new, "forecast", branch))
+        for i, old in enumerate(olds):
+            anchor = new.next
+            coefficient = _coefficient(state, order, i, anchor)
+            with output.graph.inserting_before(anchor):
+                new = output.graph.call_function(ops.finite_difference, (new, old, coefficient))
+            state.write(f"diff{i + 1}.{branch.index}", _tag(new, "forecast", branch))
     state.write(f"cache.{branch.index}", output)
     if branch.index in layout.attention:
         state.write(f"attn.{branch.index}", by_name[branch.reused_attention.name])
@@ -96,27 +114,29 @@ def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
 
 
 def _reuse(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
-           state: GraphState, forecast: tuple[int, int]) -> None:
+           state: GraphState) -> None:
     cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
     consumer = by_name[branch.consumer.name]
-    terms, distance = forecast
-    if terms:
+    order = layout.forecast_order
+    if order:
         differences = [state.read(f"diff{i}.{branch.index}", slot_example(branch.output))
-                       for i in range(1, terms + 1)]
+                       for i in range(1, order + 1)]
+        coefficients = state.read("forecast", slot_example_shape((order,)))
         with cache.graph.inserting_before(consumer):
             cache = _tag(cache.graph.call_function(ops.taylor_forecast,
-                                                   (cache, differences, distance)),
+                                                   (cache, differences, coefficients)),
                          "forecast", branch)
     consumer.replace_input_with(by_name[branch.output.name], cache)
     if branch.index in layout.staleness:
-        stale = state.read(f"stale.{branch.index}", _staleness_example(branch))
+        stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))
         graph = cache.graph
         with graph.inserting_before(by_name[branch.consumer.name]):
             older = graph.call_function(ops.advance_staleness, (stale, None))
         state.write(f"stale.{branch.index}", _tag(older, "staleness", branch))
 
 
-def _select(branch: Branch, k: int, skip: Node, layout: CacheLayout, state: GraphState) -> Node:
+def _select(branch: Branch, k: int | Node, valid: Node | None, skip: Node,
+            layout: CacheLayout, state: GraphState) -> Node:
     selection = layout.selection
     grid = selection.grid  # the image token grid, for branches over exactly those tokens
     if grid is not None and grid[0] * grid[1] != branch.num_tokens:
@@ -125,19 +145,39 @@ def _select(branch: Branch, k: int, skip: Node, layout: CacheLayout, state: Grap
         "score_weight": selection.score_weight, "staleness_weight": selection.staleness_weight,
         "interval": selection.interval, "grid": grid, "grid_size": selection.grid_size,
         "grid_bonus": selection.grid_bonus, "share_halves": selection.share_halves,
+        "valid": valid,
     }
-    batch_tokens = _staleness_example(branch)
+    batch_tokens = _batch_tokens(branch)
     if branch.index in layout.score_source:
         source = layout.score_source[branch.index]
         kwargs["score"] = state.read(f"score.{source}", batch_tokens)
     if branch.index in layout.staleness:
         kwargs["staleness"] = state.read(f"stale.{branch.index}", batch_tokens)
-    if selection.noise != "none":
-        kwargs["noise"] = state.read("noise.{}x{}".format(*batch_tokens.shape), batch_tokens)
-    if selection.noise == "similarity":
-        kwargs["similarity_to"] = skip
-        kwargs["similarity_base"] = selection.similarity_base
+    if branch.index in layout.noise:
+        kwargs["noise"] = state.read(f"noise.{branch.index}", batch_tokens)  # fresh per call
+        if selection.noise == "similarity":
+            kwargs["similarity_to"] = skip
+            kwargs["similarity_base"] = selection.similarity_base
     return skip.graph.call_function(ops.select_tokens, (k,), kwargs)
+
+
+def _token_count(branch: Branch, k: int, state: GraphState) -> tuple[int | Node, Node | None]:
+    """(count, valid): k itself, or (DYNAMIC) the length of graph input `ksize.b`, a
+    dynamic size >= 2, and the 0-d input `kvalid.b` <= it, the tokens really chosen
+    (compiled graphs specialise sizes 0 and 1, so k = 1 runs as 2 with one repeat)."""
+    if k != DYNAMIC:
+        return k, None
+    example = max(2, min(branch.num_tokens - 1, branch.num_tokens // 2))
+    carrier = state.read(f"ksize.{branch.index}",
+                         torch.empty(example, dtype=torch.float32, device="meta"))
+    carrier.meta["tocache_max"] = branch.num_tokens
+    valid = state.read(f"kvalid.{branch.index}",
+                       torch.empty((), dtype=torch.int64, device="meta"))
+    graph = carrier.graph
+    with graph.inserting_after(carrier):
+        size = graph.call_function(torch.ops.aten.sym_size.int, (carrier, 0))
+    size.meta["val"] = example
+    return _tag(size, "ksize", branch), valid
 
 
 def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
@@ -146,8 +186,9 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
     skip, output = by_name[branch.skip.name], by_name[branch.output.name]
     consumer = by_name[branch.consumer.name]
     cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
+    count, valid = _token_count(branch, k, state)
     with graph.inserting_before(consumer):
-        idx = _tag(_select(branch, k, skip, layout, state), "select", branch)
+        idx = _tag(_select(branch, count, valid, skip, layout, state), "select", branch)
         env = {skip: _tag(graph.call_function(ops.gather_tokens, (skip, idx)), "gather", branch)}
         for side, (axis, rank) in branch.side_inputs.items():
             node = by_name[side.name]
@@ -171,15 +212,16 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
                 sizes = list(clone.args[1])
                 axis = branch.token_axes[old]
                 if sizes[axis] != -1:
-                    sizes[axis] = k
+                    sizes[axis] = count
                 clone.args = (clone.args[0], sizes) + tuple(clone.args[2:])
             env[node] = _tag(clone, "compute", branch)
         updated = graph.call_function(ops.scatter_tokens, (cache, idx, env[output]))
         _tag(updated, "scatter", branch)
         if branch.index in layout.staleness:
-            stale = state.read(f"stale.{branch.index}", _staleness_example(branch))
+            stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))
             older = _tag(graph.call_function(ops.advance_staleness, (stale, idx)), "staleness",
                          branch)
             state.write(f"stale.{branch.index}", older)
     consumer.replace_input_with(output, updated)
     state.write(f"cache.{branch.index}", updated)
+

@@ -35,9 +35,13 @@ class GraphState:
         self.reads: dict[str, Node] = {}
         self.writes: dict[str, Node] = {}
         self.examples: dict[str, torch.Tensor] = {}
+        self.optional: set[str] = set()
 
-    def read(self, name: str, example: torch.Tensor) -> Node:
-        """The placeholder holding slot `name` (created on first use)."""
+    def read(self, name: str, example: torch.Tensor, optional: bool = False) -> Node:
+        """The placeholder holding slot `name` (created on first use); an `optional`
+        slot the cache does not hold yet is fed as zeros."""
+        if optional:
+            self.optional.add(name)
         if name not in self.reads:
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):

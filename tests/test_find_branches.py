@@ -8,7 +8,7 @@ from tocache_fx.passes.find_branches import find_branches
 
 
 def branches_of(model, inputs):
-    captured = capture(model, inputs)
+    captured = capture(model, (), inputs)
     return find_branches(captured.graph_module, type(model).__name__)
 
 
@@ -59,8 +59,8 @@ class PositionalMLP(torch.nn.Module):
 def test_per_token_side_input_is_recorded_for_gathering():
     (branch,) = branches_of(PositionalMLP(), {"hidden_states": torch.randn(2, 4, 8)})
     assert branch.kind == "mlp" and branch.partial_ok
-    assert [(node.target, where) for node, where in branch.side_inputs.items()] == [
-        ("pos", (1, 3))]  # tokens on axis 1 of a rank-3 op
+    assert [(node.name, where) for node, where in branch.side_inputs.items()] == [
+        ("p_pos", (1, 3))]  # the parameter (a graph input), tokens on axis 1 of a rank-3 op
 
 
 class JointMLP(torch.nn.Module):

@@ -1,65 +1,164 @@
-"""The transformed model as `pipe.transformer` in diffusers pipelines (tiny, local)."""
+"""The transformed model inside real diffusers pipelines (tiny, random, built in code):
+the same call gives the same output whatever ran before, a changed model is seen, and
+samples of a batch do not affect each other."""
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler,
-                       PixArtAlphaPipeline)
 
-from conftest import make_dit, make_pixart
+from tiny_pipelines import PIPELINES, as_tensor
 import tocache_fx
-from tocache_fx import NoCache, ToCa
+from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
+
+# one case per pipeline, plus the two-calls-per-step variants
+CASES = ["flux", "flux_true_cfg", "sd3", "pixart", "dit", "wan_cfg", "sana", "qwenimage",
+         "cogview4"]
+CACHING = [FORA(interval=2), ToCa(interval=2, cache_ratio=0.5)]
 
 
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4).eval()
+def run(case, pipe, steps=6, seed=0, **overrides):
+    return as_tensor(case.run(pipe, steps=steps, seed=seed, **overrides))
 
 
-def run_dit(pipe, steps=6):
-    return pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=4.0,
-                generator=torch.Generator().manual_seed(0), output_type="np").images
+@pytest.fixture(scope="module", params=CASES)
+def case_and_pipe(request):
+    case = PIPELINES[request.param]
+    return case, case.build()
 
 
-@pytest.fixture(scope="module")
-def dit_pipe():
-    return DiTPipeline(transformer=make_dit(), vae=tiny_vae(), scheduler=DDIMScheduler())
-
-
-def test_dit_pipeline_no_cache_equals_original(dit_pipe):
-    original = dit_pipe.transformer
-    reference = run_dit(dit_pipe)
-    dit_pipe.transformer = tocache_fx.transform(original, NoCache(), compile=False)
+def test_no_cache_equals_original_and_caching_differs(case_and_pipe):
+    case, pipe = case_and_pipe
+    reference = run(case, pipe)
+    tocache_fx.transform(pipe, NoCache(), compile=False)
     try:
-        assert (run_dit(dit_pipe) == reference).all()
-        dit_pipe.transformer = tocache_fx.transform(original, ToCa(), compile=False)
-        images = run_dit(dit_pipe)
-        assert images.shape == reference.shape and not (images == reference).all()
-        # the length came from the scheduler's timestep array, not a default
-        assert dit_pipe.transformer._generations["default"].num_steps == 6
-        # CFG: the batch is [cond; uncond] in one call: 4 rows of 16 tokens
-        assert dit_pipe.transformer.last_prepared().batch == 4
+        cached = pipe.transformer
+        assert cached.last_prepared is not None
+        assert torch.equal(run(case, pipe), reference)
+        assert cached.last_prepared().mode == "blocks"
+        for policy in CACHING:
+            pipe.transformer = cached.with_policy(policy)
+            out = run(case, pipe)
+            assert out.shape == reference.shape and torch.isfinite(out).all()
+            assert not torch.equal(out, reference), f"{policy} cached nothing"
+            assert torch.equal(run(case, pipe), out)  # the same seed twice: identical
+            kinds = pipe.transformer._generations[_context(case)].kinds
+            schedule, _ = pipe.transformer.schedule_for(6)  # planned for the pipeline's 6 steps
+            assert kinds == [schedule.plan(step)[0] for step in range(6)]
+            assert schedule.num_steps == pipe.transformer._generations[_context(case)].num_steps
     finally:
-        dit_pipe.transformer = original
+        tocache_fx.untransform(pipe)
+    assert torch.equal(run(case, pipe), reference)  # untransform restores the pipeline
 
 
-def run_pixart(pipe, steps=4):
-    embeds = torch.linspace(-1, 1, 5 * 24).view(1, 5, 24)
-    return pipe(prompt_embeds=embeds, prompt_attention_mask=torch.ones(1, 5), negative_prompt=None,
-                negative_prompt_embeds=torch.zeros(1, 5, 24),
-                negative_prompt_attention_mask=torch.ones(1, 5), num_inference_steps=steps,
-                height=16, width=16, use_resolution_binning=False,
-                generator=torch.Generator().manual_seed(0), output_type="np").images
+def _context(case):
+    return case.cache_context[0] if case.cache_context else "default"
 
 
-def test_pixart_pipeline_no_cache_equals_original():
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(),
-                               transformer=make_pixart(), scheduler=DPMSolverMultistepScheduler())
-    reference = run_pixart(pipe)
-    original = pipe.transformer
-    pipe.transformer = tocache_fx.transform(original, NoCache(), compile=False)
-    assert (run_pixart(pipe) == reference).all()
-    pipe.transformer = tocache_fx.transform(original, ToCa.pixart(num_steps=4), compile=False)
-    assert run_pixart(pipe).shape == reference.shape
+@pytest.mark.parametrize("name", ["flux", "sana", "pixart"])
+def test_a_run_never_depends_on_earlier_runs(name):
+    """6 -> 10 -> 6 steps: each run equals a fresh transform's run of that length."""
+    case = PIPELINES[name]
+    policy = ToCa(interval=2, cache_ratio=0.5)
+
+    def fresh(steps):
+        return run(case, tocache_fx.transform(case.build(), policy, compile=False), steps)
+
+    pipe = tocache_fx.transform(case.build(), policy, compile=False)
+    for steps in (6, 10, 6):
+        assert torch.equal(run(case, pipe, steps), fresh(steps)), f"{steps} steps"
+
+
+def test_bf16_flux_100_steps_caches_as_planned():
+    """Neighbouring bfloat16 timesteps of a 100-step FLUX schedule collide: the step
+    comes from the pipeline, not from comparing them."""
+    case = PIPELINES["flux_bf16"]
+    pipe = tocache_fx.transform(case.build(), FORA(interval=3), compile=False)
+    run(case, pipe, steps=100)
+    kinds = pipe.transformer._generations["cond"].kinds
+    assert kinds == [0 if step % 3 == 0 else 1 for step in range(100)]
+
+
+def test_model_level_bf16_timesteps_are_counted_not_compared():
+    case = PIPELINES["flux_bf16"]
+    pipe = case.build()
+    cached = tocache_fx.transform(pipe.transformer, FORA(interval=3, num_steps=100), compile=False)
+    pipe.transformer = cached
+    run(case, pipe, steps=100)
+    assert cached._generations["cond"].kinds == [0 if s % 3 == 0 else 1 for s in range(100)]
+
+
+def test_model_level_without_length_plans_a_default_and_says_so():
+    case = PIPELINES["flux"]
+    pipe = case.build()
+    pipe.transformer = tocache_fx.transform(pipe.transformer, FORA(interval=2), compile=False)
+    with pytest.warns(UserWarning, match="num_steps"):
+        first = run(case, pipe, steps=10)
+    run(case, pipe, steps=6)
+    assert torch.equal(run(case, pipe, steps=10), first)  # never the previous run's length
+
+
+@pytest.mark.parametrize("name", ["flux_batch2", "pixart_batch2"])
+@pytest.mark.parametrize("policy", [FORA(interval=2), TaylorSeer(interval=2),
+                                    ToCa(interval=2, cache_ratio=0.5), DuCa(cache_ratio=0.5),
+                                    DuCa(cache_ratio=0.5, selection="random"), ToCa.pixart()],
+                         ids=lambda p: type(p).__name__ + getattr(p, "selection", ""))
+def test_samples_of_a_batch_are_independent(name, policy):
+    """[A, B] and [A, C] give the same A (different prompts, no shared selection unless
+    the pipeline built [uncond; cond] halves)."""
+    case = PIPELINES[name]
+    pipe = tocache_fx.transform(case.build(), policy, compile=False)
+    a_b = run(case, pipe, prompt_embeds=_prompts(case, pipe, (1, 2)))
+    a_c = run(case, pipe, prompt_embeds=_prompts(case, pipe, (1, 3)))
+    assert torch.equal(a_b[0], a_c[0]) and not torch.equal(a_b[1], a_c[1])
+
+
+def _prompts(case, pipe, seeds):
+    """Prompt embeddings whose rows come from their own seeds."""
+    width = pipe.transformer.config.get("joint_attention_dim") or \
+        pipe.transformer.config.get("caption_channels")
+    rows = [torch.randn(1, 6, width, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.cat(rows).to(pipe.transformer.dtype)
+
+
+def test_lora_and_replaced_modules_after_the_first_call_are_honoured():
+    from peft import LoraConfig
+
+    case = PIPELINES["flux"]
+    pipe = tocache_fx.transform(case.build(), NoCache(), compile=False)
+    original = pipe.transformer.original
+
+    def reference():
+        pipe.transformer = original
+        try:
+            return run(case, pipe)
+        finally:
+            tocache_fx.transform(pipe, NoCache(), compile=False)
+
+    run(case, pipe)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "proj_mlp"]))
+    added = run(case, pipe)
+    assert torch.equal(added, reference())
+    pipe.transformer.set_adapters(["default"], weights=[0.5])
+    scaled = run(case, pipe)
+    assert torch.equal(scaled, reference()) and not torch.equal(scaled, added)
+    pipe.transformer.disable_adapters()
+    disabled = run(case, pipe)
+    assert torch.equal(disabled, reference()) and not torch.equal(disabled, scaled)
+    original.proj_out = torch.nn.Linear(original.proj_out.in_features,
+                                        original.proj_out.out_features)
+    replaced = run(case, pipe)
+    assert torch.equal(replaced, reference()) and not torch.equal(replaced, disabled)
+    with torch.no_grad():
+        original.single_transformer_blocks[0].proj_out.weight.mul_(2)  # in place, in a block
+    assert torch.equal(run(case, pipe), reference())
+
+
+def test_dtype_round_trip_reads_the_current_weights_and_buffers():
+    case = PIPELINES["flux"]
+    pipe = tocache_fx.transform(case.build(), NoCache(), compile=False)
+    run(case, pipe)
+    cached = pipe.transformer
+    cached.original.to(torch.bfloat16).to(torch.float32)  # new (rounded) tensors everywhere
+    after = run(case, pipe)
+    pipe.transformer = cached.original
+    assert torch.equal(after, run(case, pipe))

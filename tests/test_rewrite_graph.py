@@ -1,63 +1,81 @@
-"""Graph-diff tests: the exact rewrite each step plan produces."""
+"""Graph-diff tests: the exact rewrite each step plan produces, for whole-model capture
+("model") and block capture ("blocks": the graph of one block, shared by all of them)."""
 
 import os
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import dit_inputs, make_dit
 from tocache_fx import FORA, DuCa, TaylorSeer, ToCa, StepKind, build_schedule, ops
-from tocache_fx.capture import capture
 from tocache_fx.layout import plan_layout
-from tocache_fx.passes.find_branches import find_branches
-from tocache_fx.variants import build_step_graph
+from tocache_fx.units import prepare
+from tocache_fx.variants import DYNAMIC, build_step_graph
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 aten = torch.ops.aten
+MODES = ["model", "blocks"]
 
 
-def setup(policy, num_layers=3, steps=10):
-    model = make_dit(num_layers)
-    inputs = dit_inputs(torch.randn(2, 4, 8, 8), 500)
-    captured = capture(model, inputs)
-    branches = find_branches(captured.graph_module)
-    schedule = build_schedule(policy, branches, steps)
-    layout = plan_layout(policy, schedule, branches, grid=(4, 4))
-    return model, inputs, captured, branches, schedule, layout
+def setup(policy, capture="model", num_layers=3, steps=10, model=None):
+    """(captured graph, its branches, their schedule, their layout, (site, inputs)): the
+    whole model's graph, or the first block's."""
+    model = model or make_dit(num_layers)
+    inputs = dit_inputs(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 500)
+    call = dict(inputs, return_dict=True) if capture == "model" else inputs
+    prepared = prepare(model, ((), inputs), call, capture)
+    schedule = build_schedule(policy, prepared.branches, steps)
+    layout = plan_layout(policy, schedule, prepared.branches, prepared.grid)
+    site = prepared.sites[0]
+    unit = site.unit
+    if capture == "model":
+        return unit.captured, unit.branches, schedule, layout, (site, inputs)
+    return unit.captured, unit.branches, build_schedule(policy, unit.branches, steps), \
+        layout.local(site.branch_range), (site, inputs)
 
 
 def targets(step):
     return Counter(n.target for n in step.graph_module.graph.nodes if n.op == "call_function")
 
 
-def partial_plan(branches, k):
+def partial_plan(branches, k=DYNAMIC):
     return (int(StepKind.PARTIAL),) + tuple(k if b.partial_ok else 0 for b in branches)
 
 
-def test_partial_plan_has_one_gather_compute_scatter_per_partial_branch():
-    policy = DuCa(interval=4, cache_ratio=0.5, token_bucket=1)
-    _, _, captured, branches, _, layout = setup(policy)
-    plan = partial_plan(branches, 8)
-    step = build_step_graph(captured.graph_module, branches, plan, layout)
+def token_linears(step):
+    return [n for n in step.graph_module.graph.nodes
+            if n.target is aten.linear.default and n.meta["val"].dim() == 3]
+
+
+@pytest.mark.parametrize("capture", MODES)
+def test_partial_plan_has_one_gather_compute_scatter_per_partial_branch(capture):
+    policy = DuCa(interval=4, cache_ratio=0.5, selection="random", full_schedule="fixed")
+    captured, branches, _, layout, _ = setup(policy, capture)
+    step = build_step_graph(captured.graph_module, branches, partial_plan(branches), layout)
     count = targets(step)
-    partial = sum(b.partial_ok for b in branches)
-    assert count[ops.select_tokens] == count[ops.gather_tokens] == partial
-    assert count[ops.scatter_tokens] == partial
-    assert sorted(step.reads) == sorted(["noise.2x16"] + [f"cache.{b.index}" for b in branches])
-    assert sorted(step.writes) == sorted(
-        ["stream"] + [f"cache.{b.index}" for b in branches if b.partial_ok])
-    # only the MLPs run (2 linears each, on 8 of 16 tokens); attention is reused
+    partial = [b for b in branches if b.partial_ok]
+    assert count[ops.select_tokens] == count[ops.gather_tokens] == len(partial)
+    assert count[ops.scatter_tokens] == len(partial)
+    dynamic = [f"{slot}.{b.index}" for b in partial for slot in ("ksize", "kvalid")]
+    assert sorted(step.reads) == sorted([f"noise.{b.index}" for b in partial]
+                                        + [f"cache.{b.index}" for b in branches]
+                                        + [f"stale.{b.index}" for b in partial] + dynamic)
+    stream = ["stream"] if capture == "model" else []  # blocks: the runtime keeps it
+    assert sorted(step.writes) == sorted(stream + [f"cache.{b.index}" for b in partial]
+                                         + [f"stale.{b.index}" for b in partial])
+    # only the MLPs run (2 linears each, on the k gathered tokens); attention is reused
     assert count[aten.scaled_dot_product_attention.default] == 0
-    token_linears = [n for n in step.graph_module.graph.nodes
-                     if n.target is aten.linear.default and n.meta["val"].dim() == 3]
-    mlp_linears = [n for n in token_linears if n.meta.get("tocache", "").startswith("compute")]
-    assert len(mlp_linears) == 2 * partial == len(token_linears) - 1  # + the final projection
-    assert all(n.meta["val"].shape[1] == 8 for n in mlp_linears)
+    mlp = [n for n in token_linears(step) if n.meta.get("tocache", "").startswith("compute")]
+    assert len(mlp) == 2 * len(partial) == len(token_linears(step)) - (capture == "model")
+    sizes = [n for n in step.graph_module.graph.nodes if n.target is aten.sym_size.int]
+    assert len(sizes) == len(partial)  # k is each branch's own dynamic size
 
 
-def test_full_plan_stores_one_slot_per_cached_branch():
-    _, _, captured, branches, schedule, layout = setup(FORA(interval=3))
+@pytest.mark.parametrize("capture", MODES)
+def test_full_plan_stores_one_slot_per_cached_branch(capture):
+    captured, branches, schedule, layout, _ = setup(FORA(interval=3), capture)
     full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
     assert full.reads == []
     assert full.writes == [f"cache.{b.index}" for b in branches]
@@ -65,83 +83,102 @@ def test_full_plan_stores_one_slot_per_cached_branch():
                                     if n.op == "call_function")
 
 
-def test_reuse_plan_removes_every_block_computation():
-    _, _, captured, branches, schedule, layout = setup(FORA(interval=3))
+@pytest.mark.parametrize("capture", MODES)
+def test_reuse_plan_removes_every_block_computation(capture):
+    captured, branches, schedule, layout, _ = setup(FORA(interval=3), capture)
     reuse = build_step_graph(captured.graph_module, branches, schedule.plan(1), layout)
     assert reuse.writes == []
     assert targets(reuse)[aten.scaled_dot_product_attention.default] == 0
-    token_linears = [n for n in reuse.graph_module.graph.nodes
-                     if n.target is aten.linear.default and n.meta["val"].dim() == 3]
-    assert [n.name for n in token_linears] == ["linear_30"]  # the final projection only
+    # the final projection only (whole model); nothing over tokens in a block
+    assert len(token_linears(reuse)) == (1 if capture == "model" else 0)
 
 
-def test_taylorseer_full_step_writes_differences_and_reuse_step_forecasts():
-    _, _, captured, branches, schedule, layout = setup(TaylorSeer(interval=3, order=2))
+@pytest.mark.parametrize("capture", MODES)
+def test_taylorseer_full_step_writes_differences_and_reuse_step_forecasts(capture):
+    captured, branches, schedule, layout, _ = setup(TaylorSeer(interval=3, order=2), capture)
     cached = [f"cache.{b.index}" for b in branches]
     diff1, diff2 = ([f"diff{i}.{b.index}" for b in branches] for i in (1, 2))
-    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout,
-                            schedule.forecast_at(6))  # the third FULL step: (2, 3)
-    assert schedule.forecast_at(6) == (2, 3)
-    assert sorted(full.reads) == sorted(cached + diff1)
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
+    assert sorted(full.reads) == sorted(cached + diff1 + ["forecast"])
+    assert full.optional == set(cached + diff1)  # zeros before the first FULL step
     assert sorted(full.writes) == sorted(diff1 + diff2 + cached)
     differences = [n for n in full.graph_module.graph.nodes if n.target is ops.finite_difference]
     assert len(differences) == 2 * len(branches)
-    assert all(n.args[2] == 3 for n in differences)
-    untouched = targets(full) - Counter({ops.finite_difference: 2 * len(branches)})
+    untouched = targets(full) - Counter({ops.finite_difference: 2 * len(branches),
+                                         aten.select.int: 2 * len(branches)})
     assert untouched == Counter(n.target for n in captured.graph_module.graph.nodes
                                 if n.op == "call_function")
 
-    reuse = build_step_graph(captured.graph_module, branches, schedule.plan(8), layout,
-                             schedule.forecast_at(8))  # two steps after FULL step 6
-    assert sorted(reuse.reads) == sorted(cached + diff1 + diff2) and reuse.writes == []
+    reuse = build_step_graph(captured.graph_module, branches, schedule.plan(8), layout)
+    assert sorted(reuse.reads) == sorted(cached + diff1 + diff2 + ["forecast"])
+    assert reuse.writes == []
     forecasts = [n for n in reuse.graph_module.graph.nodes if n.target is ops.taylor_forecast]
-    assert len(forecasts) == len(branches) and all(n.args[2] == 2 for n in forecasts)
+    assert len(forecasts) == len(branches)
     assert all(n.meta["tocache"].startswith("forecast") and len(n.args[1]) == 2
                and len(n.users) == 1 for n in forecasts)  # each feeds its branch's gate
     assert targets(reuse)[aten.scaled_dot_product_attention.default] == 0
 
 
 def test_aggressive_plan_runs_no_block():
-    policy = DuCa(interval=4, cache_ratio=0.5)
-    _, _, captured, branches, schedule, layout = setup(policy)
+    policy = DuCa(interval=4, cache_ratio=0.5, full_schedule="fixed")
+    captured, branches, schedule, layout, _ = setup(policy, "model")
     aggressive = build_step_graph(captured.graph_module, branches, schedule.plan(2), layout)
     assert schedule.plan(2)[0] == StepKind.AGGRESSIVE
     assert aggressive.reads == ["stream"] and aggressive.writes == []
     assert targets(aggressive)[aten.layer_norm.default] == 1  # the final layer's norm only
 
 
-def test_partial_tokens_equal_full_computation():
+def site_call(model, inputs, site):
+    """The (args, kwargs) of the site's call: the whole call, or the block's as the model
+    makes it."""
+    if site.module is model:
+        return (), inputs
+    calls = []
+    handle = site.module.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)),
+                                                   with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return calls[0]
+
+
+@pytest.mark.parametrize("capture", MODES)
+def test_partial_tokens_equal_full_computation(capture):
     """Token-wise property: recomputed tokens get exactly the FULL step's values."""
-    policy = ToCa(interval=2, cache_ratio=0.5, token_bucket=1, time_weight=0.0,
-                  depth_weight=0.0, type_weight=0.0, staleness_weight=0.0, grid_bonus=0.0)
-    _, inputs, captured, branches, schedule, layout = setup(policy)
-    flat = captured.flatten(inputs)
+    policy = ToCa(interval=2, cache_ratio=0.5, time_weight=0.0, depth_weight=0.0,
+                  kind_factors=(("mlp", 1.0),), staleness_weight=0.0, grid_bonus=0.0)
+    model = make_dit(3)
+    captured, branches, schedule, layout, (site, inputs) = setup(policy, capture, model=model)
+    call = dict(inputs, return_dict=True) if capture == "model" else inputs
+    flat = [*site.state(), *captured.flatten(site_call(model, call, site))]
     full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
     outputs = full.graph_module(*flat)
     state = dict(zip(full.writes, outputs[full.num_outputs:]))
-    plan = partial_plan(branches, 8)
-    partial = build_step_graph(captured.graph_module, branches, plan, layout)
+    partial = build_step_graph(captured.graph_module, branches, partial_plan(branches), layout)
     # attention caches from the FULL step, MLP caches zeroed: the first MLP sees the
     # FULL step's input, so its recomputed tokens must carry exactly the FULL values
     slots = {**state, **{f"cache.{b.index}": torch.zeros_like(state[f"cache.{b.index}"])
                          for b in branches if b.partial_ok}}
+    slots.update({name: torch.empty(8) for name in partial.reads if name.startswith("ksize")})
+    slots.update({name: torch.tensor(8) for name in partial.reads if name.startswith("kvalid")})
     outputs = partial.graph_module(*flat, *[slots[name] for name in partial.reads])
     new = dict(zip(partial.writes, outputs[partial.num_outputs:]))
     first = next(b for b in branches if b.partial_ok)
     written = new[f"cache.{first.index}"]
     recomputed = written.abs().sum(-1) != 0
     assert recomputed.sum(1).tolist() == [8, 8]
-    assert torch.equal(recomputed[0], recomputed[1])  # CFG halves share the selection
+    assert not torch.equal(recomputed[0], recomputed[1])  # per sample: no shared halves
     torch.testing.assert_close(written[recomputed], state[f"cache.{first.index}"][recomputed])
 
 
 def test_snapshot_of_partial_rewrite():
-    policy = ToCa(interval=2, cache_ratio=0.5, token_bucket=1, time_weight=0.0, type_weight=0.0)
-    _, _, captured, branches, _, layout = setup(policy, num_layers=1)
+    """The exact PARTIAL graph of a DiT block (block capture), as a snapshot."""
+    policy = ToCa(interval=2, cache_ratio=0.5, time_weight=0.0, kind_factors=(("mlp", 1.0),))
+    captured, branches, _, layout, _ = setup(policy, "blocks", num_layers=2)
     assert layout.cached == {0, 1} and layout.scores == {0: "influence"}
-    step = build_step_graph(captured.graph_module, branches, partial_plan(branches, 8), layout)
+    step = build_step_graph(captured.graph_module, branches, partial_plan(branches), layout)
     code = step.graph_module.code.strip() + "\n"
-    path = SNAPSHOTS / "dit_1block_partial.py.txt"
+    path = SNAPSHOTS / "dit_block_partial.py.txt"
     if os.environ.get("UPDATE_SNAPSHOTS"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(code)
@@ -152,14 +189,16 @@ def _zoo_setup(name, policy, steps=4):
     from zoo import ZOO
 
     entry = next(z for z in ZOO if z.name == name)
-    captured = capture(entry.build(), entry.inputs(2, 0.5))
-    branches = find_branches(captured.graph_module)
-    schedule = build_schedule(policy, branches, steps)
-    return captured, branches, plan_layout(policy, schedule, branches)
+    inputs = entry.inputs(2, 0.5)
+    prepared = prepare(entry.build(), ((), inputs), inputs, "model")
+    unit = prepared.units[0]
+    schedule = build_schedule(policy, unit.branches, steps)
+    return unit.captured, unit.branches, plan_layout(policy, schedule, unit.branches)
 
 
 def test_flux_single_stream_partial_reuses_attention_and_recomputes_mlp_path():
-    policy = DuCa(interval=2, cache_ratio=0.5, token_bucket=1)
+    policy = DuCa(interval=2, cache_ratio=0.5, full_schedule="fixed", selection="random",
+                  kind_factors=(("mlp", 1.0), ("attention_mlp", 1.0)))
     captured, branches, layout = _zoo_setup("FluxTransformer2DModel", policy)
     single = [b for b in branches if b.kind == "attention_mlp"]
     assert [b.block_path for b in single] == ["single_transformer_blocks.0",
@@ -189,7 +228,8 @@ def test_flux_single_stream_partial_reuses_attention_and_recomputes_mlp_path():
 def test_hidream_moe_runs_as_opaque_op_on_selected_tokens():
     from tocache_fx.opaque import OPAQUE_OP
 
-    policy = DuCa(interval=2, cache_ratio=0.5, token_bucket=1)
+    policy = DuCa(interval=2, cache_ratio=0.5, full_schedule="fixed", selection="random",
+                  kind_factors=(("mlp", 1.0), ("attention_mlp", 1.0)))
     captured, branches, layout = _zoo_setup("HiDreamImageTransformer2DModel", policy)
     assert len(captured.opaque) == 4
     assert all(o.class_name == "MOEFeedForwardSwiGLU" and o.token_wise

@@ -1,8 +1,10 @@
 """Run the pass over one zoo model and report what it found and whether it holds.
 
-Checks (the model is captured once; the policies share the capture via `with_policy`):
-`NoCache` and `ToCa(interval=1)` equal the original model over a short generation; a
-PARTIAL step run on the inputs of the FULL step before it reproduces its output;
+Checks (the model is captured once, with the default capture: its repeated blocks where
+it has them; the policies share the capture via `with_policy`): `NoCache` and
+`ToCa(interval=1)` equal the original model over a short generation; a PARTIAL step
+(half of every stream's tokens) run on the inputs of the FULL step before it reproduces
+its output;
 a ToCa and a DuCa policy run (compiled with inductor when asked, with recompiles made
 errors), and a TaylorSeer policy runs eagerly; each gives finite outputs, counts the
 steps of the generation and saves FLOPs. A model the pass cannot handle must raise
@@ -34,17 +36,18 @@ from torch.utils import _pytree as pytree
 import tocache_fx
 from tocache_fx import DuCa, NoCache, TaylorSeer, ToCa, UnsupportedModelError
 from tocache_fx.explain import schedule_flops
-from tocache_fx.schedule import StepKind
-from tocache_fx.variants import build_step_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ZOO, ZOO_SKIPPED, ZooModel  # noqa: E402
 
 STEPS = 6
 BATCH = 2
+HALF = (("mlp", 1.0), ("attention_mlp", 1.0), ("cross_attention", 1.0))
 POLICIES = {
-    "ToCa": ToCa(num_steps=STEPS, interval=3, cache_ratio=0.5, time_phases=1),
-    "DuCa": DuCa(num_steps=STEPS, interval=3, cache_ratio=0.5),
+    "ToCa": ToCa(num_steps=STEPS, interval=3, cache_ratio=0.5, kind_factors=HALF,
+                 full_schedule="fixed"),
+    "DuCa": DuCa(num_steps=STEPS, interval=3, cache_ratio=0.5, kind_factors=HALF,
+                 full_schedule="fixed"),
 }
 EAGER_POLICIES = {  # run without inductor on every model (cheap: no partial compute)
     "TaylorSeer": TaylorSeer(num_steps=STEPS, interval=2, order=2),
@@ -52,8 +55,8 @@ EAGER_POLICIES = {  # run without inductor on every model (cheap: no partial com
 COMPILED = {"DiTTransformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel",
             "SD3Transformer2DModel", "LatteTransformer3DModel", "WanTransformer3DModel",
             "HiDreamImageTransformer2DModel"}
-REPRODUCE = ToCa(num_steps=2, interval=2, cache_ratio=0.5, time_phases=1, token_bucket=1,
-                 depth_weight=0.0, time_weight=0.0, type_weight=0.0)  # half the tokens
+REPRODUCE = ToCa(num_steps=2, interval=2, cache_ratio=0.5, depth_weight=0.0, time_weight=0.0,
+                 kind_factors=HALF, full_schedule="fixed")  # half the tokens
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
 
@@ -78,8 +81,9 @@ def generate(model, entry: ZooModel) -> list[list[torch.Tensor]]:
 
 def _describe(cached) -> tuple[str, str]:
     prepared = cached.last_prepared()
-    opaque = prepared.captured.opaque.values()
-    graph = "one graph"
+    opaque = [o for unit in prepared.units for o in unit.captured.opaque.values()]
+    graph = "one graph" if prepared.mode == "model" else \
+        f"{len(prepared.sites)} blocks, {len(prepared.units)} graphs"
     if opaque:
         classes = sorted({o.class_name for o in opaque})
         graph += f" + {len(opaque)} opaque modules ({', '.join(classes)})"
@@ -94,23 +98,16 @@ def partial_reproduces_full(cached, entry: ZooModel) -> None:
     """A PARTIAL step on the inputs of the FULL step before it gives the FULL output:
     every recomputed token must land where it came from (gather, compute, scatter,
     reused attention outputs, opaque modules, per-stream token counts)."""
-    schedule, layout = cached.schedule_for(2)
-    full_plan, partial_plan = schedule.plan(0), schedule.plan(1)
-    assert full_plan[0] == StepKind.FULL and partial_plan[0] == StepKind.PARTIAL
-    prepared = cached.last_prepared()
-    inputs = prepared.captured.flatten(cached._keyword_arguments((), entry.inputs(BATCH, 0.5)))
-    graphs = [build_step_graph(prepared.captured.graph_module, prepared.branches, plan, layout)
-              for plan in (full_plan, partial_plan)]
-    with torch.no_grad():
-        full = graphs[0].graph_module(*inputs)
-        slots = dict(zip(graphs[0].writes, full[graphs[0].num_outputs:]))
-        for name in graphs[1].reads:
-            if name.startswith("noise."):
-                shape = tuple(int(n) for n in name.split(".")[1].split("x"))
-                slots[name] = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-        partial = graphs[1].graph_module(*inputs, *[slots[name] for name in graphs[1].reads])
-    count = graphs[1].num_outputs
-    torch.testing.assert_close(list(partial[:count]), list(full[:count]), rtol=1e-4, atol=1e-4,
+    inputs = entry.inputs(BATCH, 0.5)
+    outputs = []
+    for step in (0, 1):  # the step is stated, so the repeated inputs are step 1
+        with torch.no_grad(), cached.cache_context("reproduce", step_index=step,
+                                                   num_inference_steps=2):
+            outputs.append(_tensors(cached(**inputs)))
+    schedule, _ = cached.schedule_for(2)
+    assert schedule.plan(1)[0] == 1 and any(0 < k < n for k, n in zip(
+        schedule.plan(1)[1:], schedule.branch_tokens)), "step 1 is not PARTIAL"
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4,
                                msg=lambda m: f"PARTIAL on FULL's inputs differs: {m}")
 
 

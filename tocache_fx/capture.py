@@ -1,80 +1,112 @@
-"""Capture a diffusers transformer's forward as one flat ATen graph.
+"""Capture one module call (a transformer block, or a whole model) as a flat ATen graph.
 
-`torch.export(strict=False)` traces the whole forward (no graph break; diffusers
-models defeat `torch.fx.symbolic_trace`). The result is normalised for rewriting:
-parameters stay shared with the model (`get_attr`), runtime guard and metadata
-assertion nodes and eval-mode dropouts are removed, and the graph takes the call's tensor leaves as flat
-positional inputs and returns the flat outputs.
+`torch.export(strict=False)` traces the call (diffusers models defeat
+`torch.fx.symbolic_trace`). The graph is normalised for rewriting:
+
+* parameters, buffers and tensor constants are graph *inputs* (placeholders named by
+  `state_targets`), fed from the module at every call: blocks of one class share one
+  graph, and a replaced weight, a `.to()` or a new buffer is never stale;
+* runtime guard and metadata assertion nodes and eval-mode dropouts are removed;
+* the call's tensor leaves follow as flat inputs; Python scalars the graph was
+  specialised on are folded (one capture per call signature).
 
 Example:
-    >>> captured = capture(model, {"hidden_states": x, "timestep": t, "class_labels": y})  # doctest: +SKIP
-    >>> captured.run(captured.flatten(kwargs))[0].shape
-    torch.Size([2, 8, 32, 32])
+    >>> captured = capture(block, (hidden_states,), {"timestep": t})  # doctest: +SKIP
+    >>> captured.run(block, captured.flatten((hidden_states,), {"timestep": t}))[0].shape
+    torch.Size([2, 16, 32])
 """
 
 from __future__ import annotations
 
-import inspect
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch.export.graph_signature import InputKind
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-from torch.fx.node import map_arg
 from torch.fx.graph import CodeGen
+from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from .errors import UnsupportedModelError
 from .meta import refresh_meta
-from .opaque import OpaqueModule, failing_module, opaque_modules
+from .opaque import CURRENT_UNIT, OpaqueModule, failing_module, opaque_modules
 
-__all__ = ["CapturedGraph", "capture", "call_signature"]
+__all__ = ["CapturedGraph", "StateAccessor", "capture", "call_signature", "block_of"]
 
 _DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
+_SCALAR_READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
 
 
-def call_signature(kwargs: dict[str, Any], model: torch.nn.Module) -> tuple:
-    """A hashable key of everything the captured graph is specialised on."""
-    leaves, spec = pytree.tree_flatten(kwargs)
-    described = tuple(
+def call_signature(call: Any) -> tuple:
+    """A hashable key of everything a captured graph is specialised on: the call's
+    structure, the shape/dtype/device of each tensor leaf and every other leaf's value."""
+    leaves, spec = pytree.tree_flatten(call)
+    return (str(spec), tuple(
         ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
-        else ("const", repr(leaf)) for leaf in leaves)
-    param = next(model.parameters(), None)
-    weights = (param.dtype, param.device) if param is not None else None
-    return (str(spec), described, weights)
+        else ("const", repr(leaf)) for leaf in leaves))
+
+
+@dataclass(frozen=True)
+class StateAccessor:
+    """Where a state input lives: `owner.<dict>[name]`, or a fixed export constant."""
+
+    owner: torch.nn.Module | None
+    store: str  # "_parameters" | "_buffers" | "attr" | "fixed"
+    name: str
+    fixed: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.store == "fixed":
+            return self.fixed
+        if self.store == "attr":
+            return getattr(self.owner, self.name)
+        return self.owner.__dict__[self.store][self.name]
 
 
 @dataclass
 class CapturedGraph:
-    """A flat graph of one model call signature (see module doc)."""
+    """One captured call: `graph_module(*state, *tensor_leaves) -> flat outputs`."""
 
     graph_module: GraphModule
+    state_targets: list[str]  # module-relative FQN of each state input, in placeholder order
     tensor_leaves: list[int]  # positions of the graph's inputs among the call's leaves
     output_spec: pytree.TreeSpec
-    opaque: dict[int, OpaqueModule]  # submodules run eagerly as `tocache::opaque_module`
+    opaque: dict[str, OpaqueModule]  # submodules run eagerly, by module-relative path
+    constants: dict[str, torch.Tensor]  # export constants that are not module attributes
 
-    def flatten(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        leaves = pytree.tree_leaves(kwargs)
+    @property
+    def num_state(self) -> int:
+        return len(self.state_targets)
+
+    def accessors(self, module: torch.nn.Module) -> list[StateAccessor]:
+        """How to read each state input from `module` (an instance this graph serves)."""
+        found = []
+        for target in self.state_targets:
+            if target in self.constants:
+                found.append(StateAccessor(None, "fixed", target, self.constants[target]))
+                continue
+            path, _, name = target.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            store = ("_parameters" if name in owner._parameters else
+                     "_buffers" if name in owner._buffers else "attr")
+            found.append(StateAccessor(owner, store, name))
+        return found
+
+    def flatten(self, call: Any) -> list[torch.Tensor]:
+        leaves = pytree.tree_leaves(call)
         return [leaves[i] for i in self.tensor_leaves]
 
     def unflatten(self, outputs: list[torch.Tensor]) -> Any:
         return pytree.tree_unflatten(list(outputs), self.output_spec)
 
 
-def _accepts_return_dict(model: torch.nn.Module) -> bool:
-    return "return_dict" in inspect.signature(model.forward).parameters
-
-
-_SCALAR_READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
-
-
-def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor]) -> None:
+def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor], user_inputs: set[Node]) -> None:
     """Replace every scalar (shape arithmetic, `.item()` of a tensor that does not
-    depend on the inputs, runtime assertions) by its value for these inputs.
+    depend on the call's inputs, runtime assertions) by its value for these inputs.
 
     The graph is specialised on the input shapes anyway (one capture per call
     signature). diffusers builds some sizes as tensors (HiDream's `img_sizes`), which
@@ -83,12 +115,12 @@ def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor]) -> None:
     is refused."""
     tainted: set[Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in tainted for a in node.all_input_nodes):
+        if node in user_inputs or any(a in tainted for a in node.all_input_nodes):
             tainted.add(node)
         if node.target in _SCALAR_READS and node in tainted:
             raise UnsupportedModelError(
                 f"{node.name} reads the value of a tensor computed from the inputs "
-                f"{_block_of(node)}: data-dependent control flow outside a module that "
+                f"{block_of(node)}: data-dependent control flow outside a module that "
                 "could run as an opaque op")
     scalars: dict[Node, Any] = {}
 
@@ -125,45 +157,55 @@ def _refresh_static_meta(gm: GraphModule) -> None:
             GuardOnDataDependentSymNode) as error:
         found = re.search(r"While executing %(\w+)", str(error))
         node = by_name.get(found.group(1)) if found else None
-        where = f"{node.name} ({node.target}) {_block_of(node)}" if node else "an op"
+        where = f"{node.name} ({node.target}) {block_of(node)}" if node else "an op"
         raise UnsupportedModelError(
             f"{where} has an output shape that depends on tensor values "
             f"({type(error).__name__}): data-dependent shapes cannot be compiled with static "
             "shapes") from error
 
 
-def _block_of(node: Node) -> str:
+def block_of(node: Node) -> str:
+    """Where `node` comes from in the module tree, for error messages."""
     paths = [value[0] for value in (node.meta.get("nn_module_stack") or {}).values() if value[0]]
     return f"in {paths[-1]}" if paths else "at the top level"
 
 
-def _export(model: torch.nn.Module, call: dict[str, Any],
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], where: str,
             max_opaque_classes: int = 4) -> tuple[torch.export.ExportedProgram,
-                                                   dict[int, OpaqueModule]]:
+                                                   dict[str, OpaqueModule]]:
     """Export; a submodule that cannot be traced becomes an opaque op and we retry."""
     classes: list[type] = []
     while True:
-        with opaque_modules(model, classes, call) as opaque, torch.no_grad():
+        with opaque_modules(module, classes, args, kwargs) as opaque, torch.no_grad():
             try:
-                return torch.export.export(model, (), call, strict=False), opaque
+                return torch.export.export(module, args, kwargs, strict=False), opaque
+            except UnsupportedModelError:
+                raise
             except Exception as error:  # noqa: BLE001 - any tracing failure
-                module = failing_module(error, model)
-                name = type(model).__name__
-                if module is None or type(module) in classes or \
+                failing = failing_module(error, module)
+                if failing is None or type(failing) in classes or \
                         len(classes) == max_opaque_classes:
                     raise UnsupportedModelError(
-                        f"{name} cannot be captured as one graph: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from error
-                classes.append(type(module))
+                        f"{where} cannot be captured as one graph: {_first_line(error)}"
+                    ) from error
+                classes.append(type(failing))
 
 
-def capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> CapturedGraph:
-    """Export `model(**kwargs)` and normalise the graph for rewriting."""
-    call = dict(kwargs)
-    if _accepts_return_dict(model):
-        call["return_dict"] = True
-    exported, opaque = _export(model, call)
-    gm = exported.module()
+def capture(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+            where: str | None = None) -> CapturedGraph:
+    """Export `module(*args, **kwargs)` and normalise the graph for rewriting."""
+    where = where or type(module).__name__
+    exported, opaque = _export(module, args, kwargs, where)
+    signature = exported.graph_signature
+    if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        raise UnsupportedModelError(f"{where} mutates a buffer or an input in its forward "
+                                    "(a stateful module): it cannot be cached step by step")
+    gm = exported.graph_module
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" or node.target in _DROPPED_TARGETS:
@@ -175,23 +217,56 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> CapturedGraph:
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
-    leaves = pytree.tree_leaves(call)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(leaves):
-        raise RuntimeError(f"export produced {len(placeholders)} inputs for {len(leaves)} leaves")
-    tensor_leaves = []
-    for i, (node, leaf) in enumerate(zip(placeholders, leaves)):
+    specs = signature.input_specs
+    if len(placeholders) != len(specs):
+        raise RuntimeError(f"export produced {len(placeholders)} inputs for {len(specs)} specs")
+    state_targets, state_values, user_nodes = [], [], []
+    for node, spec in zip(placeholders, specs):
+        if spec.kind is InputKind.USER_INPUT:
+            user_nodes.append(node)
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            state_targets.append(spec.target)
+            state_values.append(exported.state_dict.get(spec.target,
+                                                        exported.constants.get(spec.target)))
+        else:
+            raise UnsupportedModelError(f"{where}: unsupported graph input {spec.kind.name}")
+    leaves = pytree.tree_leaves((args, kwargs))
+    if len(user_nodes) != len(leaves):
+        raise RuntimeError(f"export produced {len(user_nodes)} inputs for {len(leaves)} leaves")
+    tensor_leaves, tensor_values = [], []
+    for i, (node, leaf) in enumerate(zip(user_nodes, leaves)):
         if isinstance(leaf, torch.Tensor):
             tensor_leaves.append(i)
+            tensor_values.append(leaf)
         elif node.users:
             raise RuntimeError(f"captured graph reads non-tensor input {node.name}={leaf!r}")
         else:
             graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(output.args[0]),)
     graph._codegen = CodeGen()
     graph.lint()
     gm.recompile()
-    _fold_scalars(gm, [leaves[i] for i in tensor_leaves])
+    tensor_nodes = {node for node, leaf in zip(user_nodes, leaves) if isinstance(leaf, torch.Tensor)}
+    token = CURRENT_UNIT.set(module)  # opaque ops run the module's own submodules
+    try:
+        _fold_scalars(gm, state_values + tensor_values, tensor_nodes)
+    finally:
+        CURRENT_UNIT.reset(token)
     graph.lint()
     gm.recompile()
     _refresh_static_meta(gm)
-    return CapturedGraph(gm, tensor_leaves, exported.call_spec.out_spec, opaque)
+    constants = {target: value for target, value in zip(state_targets, state_values)
+                 if not _is_attribute(module, target)}
+    return CapturedGraph(gm, state_targets, tensor_leaves, exported.call_spec.out_spec, opaque,
+                         constants)
+
+
+def _is_attribute(module: torch.nn.Module, target: str) -> bool:
+    path, _, name = target.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return False
+    return isinstance(getattr(owner, name, None), torch.Tensor)

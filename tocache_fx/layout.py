@@ -5,6 +5,8 @@ graph agrees on: a branch value is cached only if a later step reuses it, stalen
 counters and attention scores exist only for branches that are ever PARTIAL, and the
 last block's output is cached only if some step is AGGRESSIVE. With `NoCache` or
 `interval=1` the layout is empty, so the rewritten graph is the original one.
+`CacheLayout.local` cuts out one call site's part (its branches re-indexed from 0),
+which is what that site's step graphs are built and shared by.
 
 Example:
     >>> layout = plan_layout(ToCa(), schedule, branches, grid=(16, 16))  # doctest: +SKIP
@@ -14,10 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .policies import DuCa, Policy, ToCa
 from .schedule import Schedule, StepKind
 
 __all__ = ["TokenSelection", "CacheLayout", "plan_layout"]
@@ -48,66 +50,50 @@ class CacheLayout:
     attention: set[int] = field(default_factory=set)  # attention_mlp: attention outputs
     score_source: dict[int, int] = field(default_factory=dict)  # partial -> scoring branch
     scores: dict[int, str] = field(default_factory=dict)  # scoring branch -> score kind
+    noise: set[int] = field(default_factory=set)  # branches ranked with random noise
     stream: bool = False  # DuCa: the last block's output
+    forecast_order: int = 0  # TaylorSeer: differences kept per cached branch
     selection: TokenSelection = field(default_factory=TokenSelection)
 
+    def local(self, indices: range) -> CacheLayout:
+        """The part of the layout over branches `indices` (one block's), re-indexed from
+        0; the stream is then the runtime's to keep (the last block's outputs)."""
+        start = indices.start
 
-def _block_branch(branches: Sequence, block: int, *kinds: str):
-    return next((b for b in branches if b.block == block and b.kind in kinds
-                 and b.attention is not None), None)
+        def cut(values) -> set[int]:
+            return {i - start for i in values if i in indices}
+
+        return CacheLayout(
+            cut(self.cached), cut(self.staleness), cut(self.attention),
+            {k - start: v - start for k, v in self.score_source.items() if k in indices},
+            {k - start: v for k, v in self.scores.items() if k in indices},
+            cut(self.noise), False, self.forecast_order, self.selection)
+
+    def key(self) -> tuple:
+        """A hashable description (step graphs are shared by equal layouts)."""
+        return (tuple(sorted(self.cached)), tuple(sorted(self.staleness)),
+                tuple(sorted(self.attention)), tuple(sorted(self.score_source.items())),
+                tuple(sorted(self.scores.items())), tuple(sorted(self.noise)),
+                self.stream, self.forecast_order, self.selection)
 
 
-def _score_branch(policy: Policy, branches: Sequence, branch) -> tuple[object, str] | None:
-    """The attention branch whose FULL-step map scores `branch`'s tokens, and how; None
-    also when that attention's tokens are not the branch's (joint text+image attention
-    scores more tokens than one stream has)."""
-    found = _score_source(policy, branches, branch)
-    if found is None:
-        return None
-    source, kind = found
-    query, key = source.attention.args[:2]
-    scored = (query if kind == "entropy" else key).meta["val"].shape
+def _scores_branch_tokens(source, branch) -> bool:
+    """Whether the source attention's map scores exactly `branch`'s tokens (joint
+    text+image attention scores more tokens than one stream has)."""
+    query, key = source[0].attention.args[:2]
+    scored = (query if source[1] == "entropy" else key).meta["val"].shape
     wanted = branch.skip.meta["val"].shape
-    return found if (scored[0], scored[-2]) == (wanted[0], wanted[1]) else None
+    return (scored[0], scored[-2]) == (wanted[0], wanted[1])
 
 
-def _score_source(policy: Policy, branches: Sequence, branch) -> tuple[object, str] | None:
-    if isinstance(policy, DuCa):
-        if policy.selection != "vnorm":
-            return None
-        source = _block_branch(branches, branch.block, "self_attention", "attention_mlp")
-        return (source, "vnorm") if source else None
-    if not isinstance(policy, ToCa) or policy.attention_score == "none":
-        return None
-    cross = _block_branch(branches, branch.block, "cross_attention")
-    self_ = _block_branch(branches, branch.block, "self_attention", "attention_mlp")
-    wanted = policy.attention_score
-    if wanted == "cross" or (wanted == "auto" and cross is not None):
-        return (cross, "entropy") if cross else None
-    return (self_, "influence") if self_ else None
-
-
-def _selection(policy: Policy, grid: tuple[int, int] | None) -> TokenSelection:
-    if isinstance(policy, ToCa):
-        use_grid = grid is not None and policy.grid_bonus and all(
-            size % policy.grid_size == 0 for size in grid)
-        return TokenSelection(
-            score_weight=policy.attention_weight, staleness_weight=policy.staleness_weight,
-            interval=policy.interval, grid=grid if use_grid else None,
-            grid_size=policy.grid_size, grid_bonus=policy.grid_bonus,
-            share_halves=policy.share_cfg_selection, query_chunk=policy.query_chunk)
-    if isinstance(policy, DuCa):
-        noise = {"random": "random", "similarity": "similarity"}.get(policy.selection, "none")
-        return TokenSelection(noise=noise, similarity_base=policy.similarity_base,
-                              share_halves=policy.share_cfg_selection)
-    return TokenSelection()
-
-
-def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
-                grid: tuple[int, int] | None = None) -> CacheLayout:
-    """The cache layout of `schedule` (see the module docstring)."""
-    layout = CacheLayout(selection=_selection(policy, grid))
-    any_partial = False
+def plan_layout(policy, schedule: Schedule, branches: Sequence,
+                grid: tuple[int, int] | None = None, cfg_halves: bool = False) -> CacheLayout:
+    """The cache layout of `schedule` (see the module docstring). `cfg_halves`: the
+    batch is `[uncond; cond]`, so a policy that shares selections across the halves may."""
+    selection = policy.token_selection(grid)
+    selection = dataclasses.replace(selection, share_halves=selection.share_halves and cfg_halves)
+    layout = CacheLayout(selection=selection,
+                         forecast_order=getattr(policy, "order", 0) if schedule.forecast else 0)
     for plan in schedule.plans():
         if plan[0] == StepKind.AGGRESSIVE:
             layout.stream = True
@@ -118,17 +104,17 @@ def plan_layout(policy: Policy, schedule: Schedule, branches: Sequence,
             if k < branch.num_tokens:
                 layout.cached.add(branch.index)
             if 0 < k < branch.num_tokens:
-                any_partial = True
                 if branch.reused_attention is not None:
                     layout.attention.add(branch.index)
-                source = _score_branch(policy, branches, branch)
-                if source is not None:
+                source = policy.score_source(branches, branch)
+                if source is not None and _scores_branch_tokens(source, branch):
                     layout.score_source[branch.index] = source[0].index
                     layout.scores[source[0].index] = source[1]
-                if layout.selection.staleness_weight:
+                if selection.staleness_weight:
                     layout.staleness.add(branch.index)
-    selection = layout.selection
-    if any_partial and selection.noise == "none" and not layout.score_source \
-            and not selection.staleness_weight:
-        layout.selection = TokenSelection(**{**selection.__dict__, "noise": "random"})
+            if selection.noise != "none" or (branch.index not in layout.score_source
+                                             and branch.index not in layout.staleness):
+                # a branch with no score source and no staleness still needs a rule that
+                # can run: random ranking, drawn per generation from the policy's seed
+                layout.noise.add(branch.index)
     return layout

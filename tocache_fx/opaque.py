@@ -14,8 +14,8 @@ the captured call gives those tokens' outputs; `opaque_capture` checks this on t
 inputs. Its FLOPs are measured per token at capture and reported by `explain`.
 
 Example:
-    >>> with opaque_modules(model, [MOEFeedForwardSwiGLU], example_kwargs) as found:  # doctest: +SKIP
-    ...     exported = torch.export.export(model, (), example_kwargs, strict=False)
+    >>> with opaque_modules(block, [MOEFeedForwardSwiGLU], (), kwargs) as found:  # doctest: +SKIP
+    ...     exported = torch.export.export(block, (), kwargs, strict=False)
     >>> [m.class_name for m in found.values()]
     ['MOEFeedForwardSwiGLU', 'MOEFeedForwardSwiGLU']
 """
@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import types
 import weakref
@@ -35,34 +36,38 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .errors import UnsupportedModelError
 
-__all__ = ["OpaqueModule", "opaque_modules", "failing_module", "OPAQUE_OP", "REGISTRY"]
+__all__ = ["OpaqueModule", "opaque_modules", "failing_module", "OPAQUE_OP", "REGISTRY", "CURRENT_UNIT"]
 
 
 @dataclass(repr=False)
 class OpaqueModule:
-    """One module instance that runs eagerly inside the compiled graph."""
+    """A submodule (by path in the captured unit) that runs eagerly inside the graph."""
 
-    key: int
-    module: torch.nn.Module
+    key: str  # "<captured class>/<path>": the op's first argument
     class_name: str
     path: str
     token_wise: bool
     flops_per_token: float
 
 
-REGISTRY: weakref.WeakValueDictionary[int, OpaqueModule] = weakref.WeakValueDictionary()
-"""Every opaque module by key (`id` of the module), read by the op and by the analyses;
+REGISTRY: weakref.WeakValueDictionary[str, OpaqueModule] = weakref.WeakValueDictionary()
+"""Every opaque module description by key, read by the FLOP formula and the analyses;
 entries live as long as the captured graph that holds them (`CapturedGraph.opaque`)."""
+
+CURRENT_UNIT: contextvars.ContextVar[torch.nn.Module] = contextvars.ContextVar("tocache_unit")
+"""The module instance a step graph is running for: opaque paths resolve against it, so
+blocks of one class share one graph."""
 
 
 @torch.library.custom_op("tocache::opaque_module", mutates_args=())
-def _opaque_module(key: int, x: torch.Tensor) -> torch.Tensor:
+def _opaque_module(key: str, x: torch.Tensor) -> torch.Tensor:
+    path = key.split("/", 1)[1]
     with torch.no_grad():
-        return REGISTRY[key].module._tocache_forward(x)
+        return CURRENT_UNIT.get().get_submodule(path)(x)
 
 
 @_opaque_module.register_fake
-def _opaque_module_fake(key: int, x: torch.Tensor) -> torch.Tensor:
+def _opaque_module_fake(key: str, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -70,7 +75,7 @@ OPAQUE_OP = torch.ops.tocache.opaque_module.default
 
 
 @register_flop_formula(torch.ops.tocache.opaque_module)
-def _opaque_flops(key: int, x_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
+def _opaque_flops(key: str, x_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
     return int(REGISTRY[key].flops_per_token * math.prod(x_shape[:-1]))
 
 
@@ -86,7 +91,7 @@ def failing_module(error: BaseException, model: torch.nn.Module) -> torch.nn.Mod
     return found
 
 
-def _record_calls(model: torch.nn.Module, modules: list[torch.nn.Module],
+def _record_calls(model: torch.nn.Module, modules: list[torch.nn.Module], args: tuple,
                   kwargs: dict[str, Any]) -> dict[int, tuple[tuple, Any]]:
     """Run `model` once eagerly and keep each module's first (args, output)."""
     calls: dict[int, tuple[tuple, Any]] = {}
@@ -97,14 +102,15 @@ def _record_calls(model: torch.nn.Module, modules: list[torch.nn.Module],
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
-            model(**kwargs)
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return calls
 
 
-def _describe(module: torch.nn.Module, path: str, call: tuple[tuple, Any] | None) -> OpaqueModule:
+def _describe(module: torch.nn.Module, key: str, path: str,
+              call: tuple[tuple, Any] | None) -> OpaqueModule:
     name = type(module).__name__
     if call is None:
         raise UnsupportedModelError(f"{path} ({name}) cannot be captured and was not called "
@@ -124,27 +130,29 @@ def _describe(module: torch.nn.Module, path: str, call: tuple[tuple, Any] | None
     token_wise = tokens > 1 and torch.allclose(on_subset, output.index_select(-2, subset),
                                                rtol=1e-4, atol=1e-5)
     flops = counter.get_total_flops() / math.prod(on_subset.shape[:-1])
-    return OpaqueModule(id(module), module, name, path, bool(token_wise), flops)
+    return OpaqueModule(key, name, path, bool(token_wise), flops)
 
 
 @contextlib.contextmanager
-def opaque_modules(model: torch.nn.Module, classes: Sequence[type],
-                   kwargs: dict[str, Any]) -> Iterator[dict[int, OpaqueModule]]:
-    """Within the context, instances of `classes` in `model` call `tocache::opaque_module`."""
-    paths = {id(m): path for path, m in model.named_modules()}
-    modules = [m for m in model.modules() if isinstance(m, tuple(classes))]
+def opaque_modules(unit: torch.nn.Module, classes: Sequence[type], args: tuple,
+                   kwargs: dict[str, Any]) -> Iterator[dict[str, OpaqueModule]]:
+    """Within the context, instances of `classes` in `unit` call `tocache::opaque_module`."""
+    paths = {id(m): path for path, m in unit.named_modules()}
+    modules = [m for m in unit.modules() if isinstance(m, tuple(classes))]
     modules = [m for m in modules if not any(  # the outermost instance of nested ones
         other is not m and any(sub is m for sub in other.modules()) for other in modules)]
-    calls = _record_calls(model, modules, kwargs) if modules else {}
+    calls = _record_calls(unit, modules, args, kwargs) if modules else {}
     found = {}
     for module in modules:
-        found[id(module)] = REGISTRY[id(module)] = _describe(module, paths[id(module)],
-                                                             calls.get(id(module)))
-        module._tocache_forward = module.forward
+        path = paths[id(module)]
+        key = f"{type(unit).__name__}/{path}"
+        found[path] = REGISTRY[key] = _describe(module, key, path, calls.get(id(module)))
         module.forward = types.MethodType(
-            lambda self, x: torch.ops.tocache.opaque_module(id(self), x), module)
+            lambda self, x, key=key: torch.ops.tocache.opaque_module(key, x), module)
+    token = CURRENT_UNIT.set(unit)
     try:
         yield found
     finally:
+        CURRENT_UNIT.reset(token)
         for module in modules:
             del module.__dict__["forward"]

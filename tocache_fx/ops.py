@@ -58,18 +58,20 @@ def advance_staleness(staleness: torch.Tensor, idx: torch.Tensor | None) -> torc
     return staleness.scatter(1, idx, 0.0)
 
 
-def finite_difference(new: torch.Tensor, old: torch.Tensor, distance: int) -> torch.Tensor:
-    """One order higher difference per step: `(new - old) / distance`."""
-    return (new - old) / distance
+def finite_difference(new: torch.Tensor, old: torch.Tensor,
+                      coefficient: torch.Tensor) -> torch.Tensor:
+    """One order higher difference: `(new - old) * coefficient`, the coefficient being
+    1 / distance in steps (0 while the lower difference is not known yet)."""
+    return (new - old) * coefficient
 
 
 def taylor_forecast(value: torch.Tensor, differences: list[torch.Tensor],
-                    distance: int) -> torch.Tensor:
-    """`value` `distance` steps later: `value + Σ_i Δ^i value * distance^i / i!`."""
-    forecast, weight = value, 1.0
-    for order, difference in enumerate(differences, start=1):
-        weight = weight * distance / order
-        forecast = forecast + weight * difference
+                    coefficients: torch.Tensor) -> torch.Tensor:
+    """The Taylor series `value + Σ_i coefficients[i] * Δ^(i+1) value`, with
+    `coefficients[i] = distance^(i+1) / (i+1)!` (0 for differences not known yet)."""
+    forecast = value
+    for i, difference in enumerate(differences):
+        forecast = forecast + coefficients[i] * difference
     return forecast
 
 
@@ -161,12 +163,15 @@ def select_tokens(k: int, *, score: torch.Tensor | None = None, score_weight: fl
                   interval: int = 1, noise: torch.Tensor | None = None,
                   similarity_to: torch.Tensor | None = None, similarity_base: float = 0.01,
                   grid: tuple[int, int] | None = None, grid_size: int = 1,
-                  grid_bonus: float = 0.0, share_halves: bool = False) -> torch.Tensor:
+                  grid_bonus: float = 0.0, share_halves: bool = False,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Indices `[B, k]` of the tokens to recompute: top-k of the combined score.
 
     S = score_weight * score + staleness_weight * staleness / interval (+ noise, or the
     similarity score), then the grid bonus; with `share_halves` an even batch is taken
-    as [uncond; cond] and both halves get the selection of their averaged score.
+    as [uncond; cond] and both halves get the selection of their averaged score. With
+    `valid` (a 0-d count <= k), only the top `valid` tokens are chosen: the rest of the
+    k slots repeat the top token (a dynamic-size graph serving k = 1 runs k = 2).
     """
     parts = []
     if score is not None:
@@ -184,9 +189,17 @@ def select_tokens(k: int, *, score: torch.Tensor | None = None, score_weight: fl
         total = _grid_bonus(total, grid, grid_size, grid_bonus)
     if share_halves and total.shape[0] % 2 == 0:
         half = total.shape[0] // 2
-        idx = ((total[:half] + total[half:]) / 2).topk(k, dim=1, sorted=False).indices
+        idx = _top(((total[:half] + total[half:]) / 2), k, valid)
         return torch.cat([idx, idx])
-    return total.topk(k, dim=1, sorted=False).indices
+    return _top(total, k, valid)
+
+
+def _top(score: torch.Tensor, k: int, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return score.topk(k, dim=1, sorted=False).indices
+    idx = score.topk(k, dim=1, sorted=True).indices
+    positions = torch.arange(k, device=idx.device)
+    return torch.where(positions < valid, idx, idx[:, :1])
 
 
 def fresh_staleness(x: torch.Tensor) -> torch.Tensor:

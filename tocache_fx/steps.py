@@ -1,25 +1,29 @@
-"""Which denoising step a call is, worked out from its `timestep` argument.
+"""Which denoising step a call is, and how long its generation is.
 
-Two sources, in order of preference:
+Sources, most reliable first (`Observation` carries what a call tells):
 
-* Metadata, free on every device: diffusers pipelines iterate over the scheduler's
-  timestep array and pass `t` (or `t.expand(batch)`), a view into that array. Its
-  storage offset is the step's index and the array's length the generation's length,
-  read without touching the data (no device sync).
-* The value, for any other timestep (a fresh tensor, a Python number): free for CPU
-  tensors, one scalar device-to-host copy for accelerator tensors.
+* The pipeline says: diffusers' `cache_context(name, step_index=..., num_inference_steps=...)`
+  (Wan, LTX), or a pipeline bound by `tocache_fx.transform(pipe, ...)`, whose
+  `scheduler.set_timesteps` marks a new generation and whose timestep array gives its
+  length; the step is then the number of calls since, in this cache context.
+* Metadata, free on every device: most pipelines pass `t` (or `t.expand(batch)`), a
+  view into the scheduler's timestep array; its storage offset is the step's index
+  and the array's length the generation's length.
+* The value, for any other timestep (a fresh tensor, a Python number), without a
+  length: the generation restarts when the value moves against the direction of its
+  first two steps, or repeats exactly in a dtype where distinct steps cannot collide
+  (a repeat in bfloat16 / float16 is taken as the next step: a 100-step schedule has
+  neighbouring steps that round to one bfloat16 value).
 
-A generation restarts at the first call, when the call signature changes, when the
-view moves to another array or back to an earlier index, or when the value repeats or
-moves against the direction of the generation's first two steps (so falling DDPM
-timesteps and rising 1 - sigma ones both work).
+No source ever depends on an earlier generation: a generation whose length nobody
+tells is planned for the same default every time.
 
 Example:
     >>> tracker = StepTracker()
     >>> timesteps = torch.arange(999, 0, -100)
-    >>> [tracker.advance("sig", t.expand(2)) for t in timesteps[:3]], tracker.step
+    >>> [tracker.advance("sig", observe(t.expand(2))) for t in timesteps[:3]], tracker.step
     ([True, False, False], 2)
-    >>> tracker.length_hint
+    >>> tracker.length
     10
 """
 
@@ -30,7 +34,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimestepView", "timestep_view", "timestep_value", "StepTracker"]
+from .errors import CacheStateError
+
+__all__ = ["TimestepView", "Observation", "observe", "StepTracker"]
+
+_COLLIDING = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,20 @@ class TimestepView:
     length: int
 
 
-def timestep_view(timestep: Any) -> TimestepView | None:
+@dataclass(frozen=True)
+class Observation:
+    """What one call tells about its place in a generation."""
+
+    step_index: int | None = None  # stated by the pipeline
+    length: int | None = None  # stated by the pipeline
+    generation: int | None = None  # a bound pipeline's count of `set_timesteps` calls
+    view: TimestepView | None = None
+    value: float | None = None
+    exact: bool = True  # distinct steps cannot share `value`
+    scheduler_step: int | None = None  # a bound pipeline's scheduler position, to check
+
+
+def _view(timestep: Any) -> TimestepView | None:
     """The view position of a broadcast single timestep into a longer 1-d array, if any."""
     if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0:
         return None
@@ -55,10 +76,17 @@ def timestep_view(timestep: Any) -> TimestepView | None:
     return TimestepView(storage.data_ptr(), timestep.storage_offset(), length)
 
 
-def timestep_value(timestep: Any) -> float | None:
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
-    return float(timestep) if isinstance(timestep, (int, float)) else None
+def observe(timestep: Any, step_index: int | None = None, length: int | None = None,
+            generation: int | None = None, scheduler_step: int | None = None) -> Observation:
+    """What a call with this `timestep` (and what the pipeline stated) tells."""
+    view = _view(timestep)
+    value, exact = None, True
+    if view is None:
+        if isinstance(timestep, torch.Tensor) and timestep.numel():
+            value, exact = float(timestep.reshape(-1)[0]), timestep.dtype not in _COLLIDING
+        elif isinstance(timestep, (int, float)):
+            value = float(timestep)
+    return Observation(step_index, length, generation, view, value, exact, scheduler_step)
 
 
 @dataclass
@@ -67,40 +95,61 @@ class StepTracker:
 
     signature: Any = None
     step: int = -1
-    length_hint: int | None = None  # steps in this generation, when the array tells
-    last_length: int | None = None  # steps the previous generation ran
+    length: int | None = None  # steps in this generation, when a source tells
+    _generation: int | None = None
     _first_view: TimestepView | None = None
-    _last_view: TimestepView | None = None
-    _first_value: float | None = None
-    _last_value: float | None = None
+    _last: Observation | None = None
     _direction: int = 0
+    _scheduler_offset: int | None = None
 
-    def _restarts(self, view: TimestepView | None, value: float | None) -> bool:
-        if view is not None or self._last_view is not None:
-            last = self._last_view
-            return (view is None or last is None or view.storage != last.storage
-                    or view.length != last.length or view.index <= last.index)
-        if value is None or self._last_value is None:
+    def _restarts(self, obs: Observation) -> bool:
+        last = self._last
+        if obs.step_index is not None:
+            return last.step_index is None or obs.step_index <= last.step_index
+        if obs.generation is not None:
+            return obs.generation != self._generation
+        if obs.view is not None or last.view is not None:
+            view, previous = obs.view, last.view
+            return (view is None or previous is None or view.storage != previous.storage
+                    or view.length != previous.length or view.index <= previous.index)
+        if obs.value is None or last.value is None:
             return False
-        moved = (value > self._last_value) - (value < self._last_value)
-        return moved == 0 or (self._direction != 0 and moved != self._direction)
+        moved = (obs.value > last.value) - (obs.value < last.value)
+        if moved == 0:
+            return obs.exact
+        return self._direction != 0 and moved != self._direction
 
-    def advance(self, signature: Any, timestep: Any) -> bool:
+    def advance(self, signature: Any, obs: Observation) -> bool:
         """Count one call; returns True when it starts a new generation."""
-        view = timestep_view(timestep)
-        value = None if view is not None else timestep_value(timestep)
-        restart = self.step < 0 or signature != self.signature or self._restarts(view, value)
+        restart = self.step < 0 or signature != self.signature or self._restarts(obs)
         if restart:
-            if self.step >= 0:
-                self.last_length = self.step + 1
-            self.signature, self.step, self._direction = signature, 0, 0
-            self._first_view, self._first_value = view, value
-            self.length_hint = view.length - view.index if view is not None else None
-        elif view is not None:
-            self.step = view.index - self._first_view.index
+            self.signature, self._direction, self._generation = signature, 0, obs.generation
+            self._first_view = obs.view
+            self.step = obs.step_index if obs.step_index is not None else 0
+            if obs.step_index is None and obs.view is not None:
+                self.length = obs.view.length - obs.view.index
+            else:
+                self.length = obs.length
+        elif obs.step_index is not None:
+            self.step = obs.step_index
+            self.length = obs.length or self.length
+        elif obs.view is not None and obs.generation is None:
+            self.step = obs.view.index - self._first_view.index
         else:
             self.step += 1
-            if self.step == 1 and value is not None:
-                self._direction = (value > self._first_value) - (value < self._first_value)
-        self._last_view, self._last_value = view, value
+            if self.step == 1 and obs.value is not None and self._last.value is not None:
+                self._direction = (obs.value > self._last.value) - (obs.value < self._last.value)
+        if restart:
+            self._scheduler_offset = None
+        if obs.scheduler_step is not None:
+            offset = obs.scheduler_step - self.step
+            if self._scheduler_offset is None:
+                self._scheduler_offset = offset
+            elif offset != self._scheduler_offset:
+                raise CacheStateError(
+                    f"call {self.step} of this generation came at scheduler step "
+                    f"{obs.scheduler_step}: the pipeline calls the transformer more than once "
+                    "per step in one cache context. Wrap each call in "
+                    "`transformer.cache_context(name)` (diffusers pipelines do)")
+        self._last = obs
         return restart

@@ -1,44 +1,53 @@
-"""Build the graph of one step plan by running the rewrite passes on a copy.
+"""Build and compile the graph of one step plan by running the rewrite passes on a copy.
 
-One `StepGraph` per distinct schedule row; the runtime compiles each once with
-inductor and picks the one for the current step on the host (no device sync).
+A plan row is reduced to its *shape* first (`plan_shape`): per branch FULL, REUSE, or
+PARTIAL with the token count a dynamic size (`DYNAMIC`). One `StepGraph` per distinct
+shape, compiled once with inductor; the runtime feeds the exact counts as inputs.
 
 Example:
-    >>> step = build_step_graph(captured.graph_module, branches, plan, layout)  # doctest: +SKIP
+    >>> step = build_step_graph(unit.captured, unit.branches, plan_shape(plan, tokens), layout)  # doctest: +SKIP
     >>> step.reads, step.writes
-    (['cache_0', 'cache_1'], ['cache.1'])
+    (['cache.0', 'ksize.1'], ['cache.1'])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from tocache_fx.passes.attention_scores import attention_scores
-from tocache_fx.passes.cache_branches import cache_branches
+from tocache_fx.passes.cache_branches import DYNAMIC, cache_branches
 from tocache_fx.passes.find_branches import Branch
 from tocache_fx.passes.skip_blocks import skip_blocks
 from tocache_fx.passes.state import GraphState
 
 from .layout import CacheLayout
 from .meta import refresh_meta
-from .schedule import StepKind
+from .schedule import Plan, StepKind
 
-__all__ = ["StepGraph", "build_step_graph"]
+__all__ = ["StepGraph", "build_step_graph", "plan_shape", "compile_step_graph", "DYNAMIC"]
 
 
 @dataclass
 class StepGraph:
-    """A rewritten graph: `gm(*model_inputs, *state[reads]) -> (*outputs, *state[writes])`."""
+    """A rewritten graph: `gm(*state, *inputs, *slots[reads]) -> (*outputs, *slots[writes])`."""
 
-    plan: tuple[int, ...]
+    plan: Plan  # its shape: k per branch, DYNAMIC for a run-time token count
     graph_module: GraphModule
     reads: list[str]
     writes: list[str]
+    optional: set[str]  # reads fed as zeros while the cache does not hold them
     num_outputs: int
+    examples: dict[str, torch.Tensor]  # meta tensors: each read's shape and dtype
+
+
+def plan_shape(plan: Plan, tokens: Sequence[int]) -> Plan:
+    """The graph a plan row needs: per branch FULL (N), REUSE (0) or DYNAMIC."""
+    return plan[:1] + tuple(k if k in (0, n) else DYNAMIC for k, n in zip(plan[1:], tokens))
 
 
 def _copy(base: GraphModule) -> GraphModule:
@@ -58,20 +67,42 @@ def _is_impure(node: Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
-def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
-                     layout: CacheLayout, forecast: tuple[int, int] = (0, 0)) -> StepGraph:
-    """Rewrite a copy of `base` for `plan` (a schedule row) and `forecast` (the step's
-    `Schedule.forecast_at`, for forecasting policies)."""
+def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
+                     layout: CacheLayout) -> StepGraph:
+    """Rewrite a copy of `base` for `plan` (a `plan_shape`) under `layout`."""
     gm = _copy(base)
     num_outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     state = GraphState(gm.graph)
     skip_blocks(gm, branches, plan, layout, state)
     if plan[0] != StepKind.AGGRESSIVE:
         attention_scores(gm, branches, plan, layout, state)
-        cache_branches(gm, branches, plan, layout, state, forecast)
+        cache_branches(gm, branches, plan, layout, state)
     state.finish()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm)
-    return StepGraph(plan, gm, list(state.reads), list(state.writes), num_outputs)
+    return StepGraph(plan, gm, list(state.reads), list(state.writes), state.optional,
+                     num_outputs, dict(state.examples))
+
+
+def compile_step_graph(step: StepGraph, mode: str | None) -> Any:
+    """`step`'s graph compiled with inductor: static shapes, except each `ksize.b` input
+    whose length is the branch's token count (one graph for every k >= 2)."""
+    compiled = torch.compile(step.graph_module, backend="inductor", fullgraph=True,
+                             dynamic=False, mode=mode)
+    dynamic = [(i, node.meta["tocache_max"]) for i, node in enumerate(
+        n for n in step.graph_module.graph.nodes if n.op == "placeholder")
+        if str(node.meta.get("tocache_slot", "")).startswith("ksize.")]
+    if not dynamic:
+        return compiled
+    marked = {"done": False}
+
+    def run(*inputs: torch.Tensor) -> Any:
+        if not marked["done"]:
+            for i, most in dynamic:
+                torch._dynamo.mark_dynamic(inputs[i], 0, min=2, max=most)
+            marked["done"] = True
+        return compiled(*inputs)
+
+    return run

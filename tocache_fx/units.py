@@ -1,0 +1,261 @@
+"""Capture units: what one call signature of a model turns into before any step runs.
+
+Block capture (the default where the model has repeated blocks, `tocache_fx.blocks`):
+one eager probe call records every block call's arguments, blocks with the same class,
+fingerprint (`tocache_fx.watch`) and call signature share one captured `Unit`, and the
+model's own forward keeps running the glue (embedders, rotary tables, masks, final
+layer) eagerly. Whole-model capture: the model is one unit.
+
+Each call site (a block, or the model) is a `Site`: the unit it runs, where its
+parameters live, and the global indices of its branches. Branches are found per unit
+(`passes/find_branches.py`) and re-indexed globally in call order.
+
+Example:
+    >>> prepared = prepare(flux, (), kwargs, capture="blocks")   # doctest: +SKIP
+    >>> [site.path for site in prepared.sites][:2], len(prepared.units)
+    (['transformer_blocks.0', 'transformer_blocks.1'], 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from tocache_fx.passes.find_branches import Branch, find_branches
+
+from .blocks import find_blocks
+from .capture import CapturedGraph, StateAccessor, call_signature, capture
+from .errors import UnsupportedModelError
+from .meta import fake_inputs
+from .watch import fingerprint
+
+__all__ = ["Unit", "Site", "Prepared", "prepare", "CaptureMode"]
+
+CaptureMode = Literal["auto", "blocks", "model"]
+
+
+@dataclass(eq=False)
+class Unit:
+    """One captured graph and its branches, shared by every site with its fingerprint
+    and call signature. `passthrough[j]` is the graph input that output j carries past
+    all of the unit's branches (None: some output has no such input)."""
+
+    captured: CapturedGraph
+    branches: list[Branch]  # unit-local indices
+    fingerprint: tuple
+    signature: tuple
+    passthrough: list[int] | None
+    step_graphs: dict[tuple, Any] = field(default_factory=dict)
+    compiled: dict[tuple, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Site:
+    """A call site: `module` (a block, or the whole model) running `unit`."""
+
+    index: int  # call order in the forward
+    path: str
+    module: torch.nn.Module
+    unit: Unit
+    first_branch: int  # global index of unit.branches[0]
+    accessors: list[StateAccessor]
+
+    @property
+    def branch_range(self) -> range:
+        return range(self.first_branch, self.first_branch + len(self.unit.branches))
+
+    def state(self) -> list[torch.Tensor]:
+        return [accessor.get() for accessor in self.accessors]
+
+    def refresh(self) -> None:
+        """Re-resolve where the parameters live (after a submodule was replaced)."""
+        self.accessors = self.unit.captured.accessors(self.module)
+
+
+@dataclass(eq=False)
+class Prepared:
+    """Everything derived from one call signature of the model."""
+
+    mode: Literal["blocks", "model"]
+    signature: tuple
+    sites: list[Site]
+    branches: list[Branch]  # global: every site's branches, re-indexed, in call order
+    grid: tuple[int, int] | None
+    device: torch.device
+    units: list[Unit]
+    glue_flops: int = 0  # block capture: FLOPs of the eager forward outside the blocks
+
+    @property
+    def batch(self) -> int:
+        return self.branches[0].skip.meta["val"].shape[0]
+
+
+def _token_grid(kwargs: dict[str, Any], config: Any, num_tokens: int) -> tuple[int, int] | None:
+    """(rows, cols) of the image token grid, from a 4-d latent input and the patch size."""
+    patch = getattr(config, "patch_size", None) if config is not None else None
+    latent = kwargs.get("hidden_states")
+    if not isinstance(patch, int) or not isinstance(latent, torch.Tensor) or latent.dim() != 4:
+        return None
+    rows, cols = latent.shape[-2] // patch, latent.shape[-1] // patch
+    return (rows, cols) if rows * cols == num_tokens else None
+
+
+def _passthrough(captured: CapturedGraph, branches: list[Branch]) -> list[int] | None:
+    """For each output, the graph input it equals with every branch skipped: walk back
+    through residual adds (to their skip) and casts of the same shape."""
+    gm = captured.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = {node: i for i, node in enumerate(placeholders[captured.num_state:])}
+    skips = {branch.add: branch.skip for branch in branches}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    found = []
+    for node in output.args[0]:
+        shape = node.meta["val"].shape if isinstance(node, Node) else None
+        while isinstance(node, Node) and node not in inputs:
+            if node in skips:
+                node = skips[node]
+            elif node.target in _SAME_SHAPE and isinstance(node.args[0], Node) and \
+                    node.args[0].meta["val"].shape == shape:
+                node = node.args[0]
+            else:
+                return None
+        if node not in inputs or node.meta["val"].shape != shape:
+            return None
+        found.append(inputs[node])
+    return found
+
+
+aten = torch.ops.aten
+_SAME_SHAPE = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+               aten.alias.default, aten.clamp.default, aten.view.default}
+
+
+def _find(captured: CapturedGraph, name: str) -> list[Branch]:
+    try:
+        return find_branches(captured.graph_module, name)
+    except UnsupportedModelError:
+        return []
+
+
+@dataclass
+class _Call:
+    path: str
+    module: torch.nn.Module
+    key: tuple
+    args: tuple | None  # kept for the first call of each key only
+    kwargs: dict | None
+
+
+def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], args: tuple,
+           kwargs: dict[str, Any]) -> list[_Call]:
+    """Run the model once and record every block call (keys, and arguments per new key)."""
+    calls: list[_Call] = []
+    seen: set[tuple] = set()
+    fingerprints: dict[int, tuple] = {}
+
+    def recorder(path: str):
+        def hook(module: torch.nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+            if id(module) not in fingerprints:
+                fingerprints[id(module)] = fingerprint(module)
+            key = (type(module), fingerprints[id(module)], call_signature((call_args, call_kwargs)))
+            new = key not in seen
+            seen.add(key)
+            calls.append(_Call(path, module, key, call_args if new else None,
+                               call_kwargs if new else None))
+        hook._tocache_probe = True
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(path), with_kwargs=True)
+               for path, module in blocks]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, counter.get_total_flops()
+
+
+def _unit_flops(unit: Unit) -> int:
+    """FLOPs of one uncached call of the unit's graph, on fake tensors."""
+    gm = unit.captured.graph_module
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = fake_inputs(gm, mode)
+    with mode, FlopCounterMode(display=False) as counter:
+        gm(*inputs)
+    return counter.get_total_flops()
+
+
+def _sites(units: list[tuple[str, torch.nn.Module, Unit]], reindex_blocks: bool
+           ) -> tuple[list[Site], list[Branch]]:
+    """Call sites in call order, and their branches indexed globally (with block capture
+    the block is the site; a whole-model unit keeps the blocks `find_branches` named)."""
+    sites, branches = [], []
+    for index, (path, module, unit) in enumerate(units):
+        site = Site(index, path, module, unit, len(branches), unit.captured.accessors(module))
+        for branch in unit.branches:
+            moved = {"index": len(branches)}
+            if reindex_blocks:
+                moved.update(block=index, block_path=path)
+            branches.append(dataclasses.replace(branch, **moved))
+        sites.append(site)
+    return sites, branches
+
+
+def prepare(model: torch.nn.Module, probe: tuple[tuple, dict[str, Any]], call: dict[str, Any],
+            capture_mode: CaptureMode = "auto") -> Prepared:
+    """Capture a call of `model` as units and find their branches: blocks are recorded
+    from `model(*probe[0], **probe[1])`, the whole model is captured as `model(**call)`."""
+    args, kwargs = probe
+    name = type(model).__name__
+    tensors = [leaf for leaf in pytree.tree_leaves(call) if isinstance(leaf, torch.Tensor)]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else tensors[0].device
+    blocks = find_blocks(model) if capture_mode != "model" else []
+    if capture_mode == "blocks" and not blocks:
+        raise UnsupportedModelError(f"{name} has no repeated blocks (a ModuleList of two or more "
+                                    "modules of one class): use capture='model'")
+    placed: list[tuple[str, torch.nn.Module, Unit]] = []
+    units: dict[tuple, Unit] = {}
+    total_flops = 0
+    if blocks:
+        calls, total_flops = _probe(model, blocks, args, kwargs)
+        for record in calls:
+            if record.key not in units:
+                captured = capture(record.module, record.args, record.kwargs,
+                                   where=f"{name}.{record.path} ({type(record.module).__name__})")
+                found = _find(captured, f"{name}.{record.path}")
+                units[record.key] = Unit(captured, found, record.key[1], record.key[2],
+                                         _passthrough(captured, found))
+            if units[record.key].branches:
+                placed.append((record.path, record.module, units[record.key]))
+        if len({id(module) for _, module, _ in placed}) != len(placed):
+            raise UnsupportedModelError(f"{name} calls one block more than once per forward; "
+                                        "use capture='model'")
+    if not placed:
+        if capture_mode == "blocks":
+            raise UnsupportedModelError(f"{name}: no residual branch found in its blocks "
+                                        f"{[path for path, _ in blocks][:4]}")
+        captured = capture(model, (), call, where=name)
+        found = find_branches(captured.graph_module, name)
+        unit = Unit(captured, found, fingerprint(model), call_signature(((), call)), None)
+        placed, units = [("", model, unit)], {"model": unit}
+        mode = "model"
+    else:
+        mode = "blocks"
+    sites, branches = _sites(placed, reindex_blocks=mode == "blocks")
+    skip = branches[0].skip.meta["val"]
+    grid = _token_grid(call, getattr(model, "config", None), skip.shape[1])
+    glue = 0
+    if mode == "blocks":
+        per_unit = {id(unit): _unit_flops(unit) for unit in {id(s.unit): s.unit for s in sites}.values()}
+        glue = total_flops - sum(per_unit[id(site.unit)] for site in sites)
+    return Prepared(mode, call_signature(call), sites, branches, grid, device,
+                    list(units.values()), max(0, glue))
