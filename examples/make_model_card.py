@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
-from tocache_fx.metrics import DigitsJudge  # noqa: E402
-from tocache_fx.sampling import (  # noqa: E402
+from tocache_fx.harness.metrics import DigitsJudge  # noqa: E402
+from tocache_fx.harness.sampling import (  # noqa: E402
     FLUX_GUIDANCE_SCALE,
     FLUX_MODEL_DIR,
     MODEL_DIR,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from sklearn.datasets import load_digits
 
-from tocache_fx.sampling import NOISE_SCHEDULE
+from tocache_fx.harness.sampling import NOISE_SCHEDULE
 
 NUM_CLASSES = 10
 

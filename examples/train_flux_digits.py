@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_dit_digits import load_dataset, log_progress, optimizer_step  # noqa: E402
 
-from tocache_fx.sampling import (  # noqa: E402
+from tocache_fx.harness.sampling import (  # noqa: E402
     FLUX_PROMPTS_FILE,
     FLUX_TEXT_TOKENS,
     NULL_LABEL,

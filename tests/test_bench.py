@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tocache_fx import bench
+from tocache_fx.harness import bench
 from tocache_fx.policies import FORA
 
 

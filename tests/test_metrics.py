@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tocache_fx.metrics import PSNR_CAP_DB, DigitsJudge, frechet_distance, psnr, ssim
+from tocache_fx.harness.metrics import PSNR_CAP_DB, DigitsJudge, frechet_distance, psnr, ssim
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from tocache_fx import peers
-from tocache_fx.peers import FLUX_PEERS, PEERS, build_peer, flux_peers, peers_for
+from tocache_fx.harness import peers
+from tocache_fx.harness.peers import FLUX_PEERS, PEERS, build_peer, flux_peers, peers_for
 
 STEPS = 6
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
@@ -162,7 +162,7 @@ def test_flux_peers_builds_each_on_its_own_copy(flux):
 
 def test_dit_faster_cache_runs():
     """FasterCache on the DiT: image layout and the class labels split with the CFG batch."""
-    from tocache_fx.sampling import load_dit_digits, sample_digits
+    from tocache_fx.harness.sampling import load_dit_digits, sample_digits
 
     labels = torch.tensor([3, 7])
     peer = build_peer("diffusers FasterCache", load_dit_digits, num_steps=6)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from tocache_fx.sampling import NULL_LABEL, sample_digits
+from tocache_fx.harness.sampling import NULL_LABEL, sample_digits
 
 
 class CallRecorder:

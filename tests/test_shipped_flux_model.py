@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tocache_fx.sampling import (
+from tocache_fx.harness.sampling import (
     FLUX_MODEL_DIR,
     FLUX_PROMPTS_FILE,
     flux_prompts,

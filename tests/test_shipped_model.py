@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tocache_fx.sampling import MODEL_DIR, load_dit_digits
+from tocache_fx.harness.sampling import MODEL_DIR, load_dit_digits
 
 WEIGHTS = MODEL_DIR / "diffusion_pytorch_model.safetensors"
 

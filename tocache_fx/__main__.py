@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
 
-    from tocache_fx.bench import dominance, format_rows, run_bench, save
+    from tocache_fx.harness.bench import dominance, format_rows, run_bench, save
 
     rows, images = run_bench(quick=args.quick, per_class=args.per_class, repeats=args.repeats,
                              model=args.model)

@@ -5,7 +5,7 @@ The sampler calls the transformer exactly once per denoising step, on the batch
 fixed ``2B`` batch. Example::
 
     >>> import torch
-    >>> from tocache_fx.sampling import load_dit_digits, sample_digits
+    >>> from tocache_fx.harness.sampling import load_dit_digits, sample_digits
     >>> model = load_dit_digits()
     >>> images = sample_digits(model, torch.arange(10), num_steps=50, seed=0)
     >>> images.shape
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-MODEL_DIR = Path(__file__).resolve().parent / "models" / "dit-digits"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "dit-digits"
 NOISE_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                       prediction_type="epsilon", clip_sample=False)
 """The DiT noise schedule the digits model was trained with (linear betas, epsilon)."""
@@ -107,7 +107,7 @@ def sample_digits(
 # 32x32x1 images packed 2x2 into 256 tokens of 4 channels, fixed per-class "prompts".
 # --------------------------------------------------------------------------------------
 
-FLUX_MODEL_DIR = Path(__file__).resolve().parent / "models" / "flux-digits"
+FLUX_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "flux-digits"
 FLUX_PROMPTS_FILE = "prompts.safetensors"
 FLUX_TEXT_TOKENS = 8
 """Length of the fixed per-class ``encoder_hidden_states`` sequence."""

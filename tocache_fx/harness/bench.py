@@ -30,10 +30,11 @@ from tabulate import tabulate
 
 import tocache_fx
 from tocache_fx.explain import schedule_flops
-from tocache_fx.metrics import DigitsJudge, psnr, ssim
-from tocache_fx.peers import FLUX_PEERS, PEERS, build_peer
+from tocache_fx.harness.metrics import DigitsJudge, psnr, ssim
+from tocache_fx.harness.peers import FLUX_PEERS, PEERS, build_peer
+from tocache_fx.harness.sampling import (load_dit_digits, load_flux_digits, sample_digits,
+                                         sample_flux_digits)
 from tocache_fx.policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa
-from tocache_fx.sampling import load_dit_digits, load_flux_digits, sample_digits, sample_flux_digits
 
 __all__ = ["Setting", "BenchModel", "MODELS", "settings", "run_bench", "format_rows",
            "dominance", "save"]
@@ -44,7 +45,7 @@ class Setting:
     name: str
     policy: Policy | None = None  # one of ours; None and no peer: the uncached model
     steps: int = 50
-    peer: str | None = None  # a peer cache from `tocache_fx.peers.PEERS` / `FLUX_PEERS`
+    peer: str | None = None  # a peer cache from `tocache_fx.harness.peers.PEERS` / `FLUX_PEERS`
     peer_options: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the peer's setup
 
 

@@ -6,7 +6,7 @@ and a Fréchet distance (the FID formula) in the feature space of a small MLP
 trained at construction on ``sklearn.datasets.load_digits``. Example::
 
     >>> import torch
-    >>> from tocache_fx.metrics import DigitsJudge, psnr, ssim
+    >>> from tocache_fx.harness.metrics import DigitsJudge, psnr, ssim
     >>> a = torch.rand(4, 1, 32, 32) * 2 - 1
     >>> psnr(a, a)
     tensor([100., 100., 100., 100.])
