@@ -1,12 +1,13 @@
 """Rewrite pass: at FULL steps, compute the token scores later PARTIAL steps select by.
 
 Requires: a copy of the captured graph, the branches, and a `CacheLayout` whose
-`scores` maps attention branches to a score kind: "influence" (ToCa s1, how much
-attention each token receives), "entropy" (ToCa s2, cross-attention entropy per
-query token) or "vnorm" (DuCa, value norms).
+`scores` maps (attention branch, start, length) to a score kind: "influence" (ToCa
+s1, how much attention each token receives), "entropy" (ToCa s2, cross-attention
+entropy per query token) or "vnorm" (DuCa, value norms), over the tokens
+`start:start + length` of the attention's sequence (one stream of a joint attention).
 Ensures: next to each such attention op, a node computes the score from the op's own
 Q/K/V inputs in chunks of queries (attention itself stays on SDPA) and is written to
-slot `score.b`. Only FULL plans are touched.
+slot `score_slot(key)`. Only FULL plans are touched.
 
 Example:
     >>> attention_scores(gm, branches, full_plan, layout, state)   # doctest: +SKIP
@@ -26,7 +27,7 @@ from tocache_fx.schedule import StepKind
 from .find_branches import Branch
 from .state import GraphState
 
-__all__ = ["attention_scores"]
+__all__ = ["attention_scores", "score_slot"]
 
 
 def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
@@ -36,21 +37,29 @@ def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[in
         return False
     by_name = {node.name: node for node in gm.graph.nodes}
     chunk = layout.selection.query_chunk
-    for index, kind in layout.scores.items():
+    for source, kind in layout.scores.items():
+        index, start, length = source
         attention = by_name[branches[index].attention.name]
         query, key, value = attention.args[:3]
         mask = attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")
         scale = attention.kwargs.get("scale")
+        span = (start, length)
         with gm.graph.inserting_after(attention):
             if kind == "influence":
                 score = gm.graph.call_function(ops.attention_influence,
-                                               (query, key, mask, scale, chunk))
+                                               (query, key, mask, scale, chunk, span))
             elif kind == "entropy":
                 score = gm.graph.call_function(
                     ops.cross_attention_entropy, (query, key, mask, scale, chunk,
-                                                  layout.selection.share_halves))
+                                                  layout.selection.share_halves, span))
             else:
-                score = gm.graph.call_function(ops.value_norm_score, (value,))
+                score = gm.graph.call_function(ops.value_norm_score, (value, span))
         score.meta["tocache"] = f"score:{index}"
-        state.write(f"score.{index}", score)
+        state.write(score_slot(source), score)
     return True
+
+
+def score_slot(source: tuple[int, int, int]) -> str:
+    """The slot of the scores of attention branch `index` over tokens start:start+length."""
+    index, start, length = source
+    return f"score.{index}.{start}x{length}"

@@ -40,6 +40,7 @@ from torch.fx import GraphModule, Node
 from tocache_fx import ops
 from tocache_fx.layout import CacheLayout
 
+from .attention_scores import score_slot
 from .find_branches import Branch
 from .state import GraphState, slot_example
 from .token_axis import SIZE_ARG_OPS
@@ -149,8 +150,7 @@ def _select(branch: Branch, k: int | Node, valid: Node | None, skip: Node,
     }
     batch_tokens = _batch_tokens(branch)
     if branch.index in layout.score_source:
-        source = layout.score_source[branch.index]
-        kwargs["score"] = state.read(f"score.{source}", batch_tokens)
+        kwargs["score"] = state.read(score_slot(layout.score_source[branch.index]), batch_tokens)
     if branch.index in layout.staleness:
         kwargs["staleness"] = state.read(f"stale.{branch.index}", batch_tokens)
     if branch.index in layout.noise:

@@ -322,3 +322,43 @@ def _attention_axis(node: Node, axes: dict[Node, object]) -> int:
     if query not in axes or axes[query] != len(_shape(query)) - 2:
         raise _fail(node, "does not take tokens along the query sequence axis")
     return axes[query]
+
+
+def token_span(nodes: Sequence[Node], source: Node, target: Node,
+               axis: int = 1) -> tuple[int, int, int] | None:
+    """Where `source`'s tokens sit along an axis of `target` (downstream of it, `nodes`
+    between them in graph order): `(axis, start, length)`, or None if they do not stay
+    one contiguous run (a joint attention's keys are `cat([text, image])`, the image
+    stream's tokens a span of them). Unlike `token_axes`, any op may mix tokens."""
+    spans: dict[Node, tuple[int, int, int]] = {source: (axis, 0, _shape(source)[axis])}
+    for node in nodes:
+        carried = {spans[a] for a in node.all_input_nodes if a in spans}
+        if node in spans or not carried:
+            continue
+        if len(carried) > 1:
+            continue
+        (at, start, length), out = carried.pop(), _shape(node)
+        src = node.args[0] if node.args else None
+        if out is None:
+            continue
+        if node.target is aten.cat.default:
+            tensors = list(node.args[0])
+            dim = _norm_dim(_arg(node, 1, "dim", 0), len(out))
+            first = next(t for t in tensors if t in spans)
+            if dim == at:
+                start += sum(_shape(t)[at] for t in tensors[:tensors.index(first)])
+            spans[node] = (at, start, length)
+        elif node.target is aten.permute.default and src in spans:
+            spans[node] = ([_norm_dim(d, len(out)) for d in node.args[1]].index(at), start, length)
+        elif node.target is aten.transpose.int and src in spans:
+            d0, d1 = (_norm_dim(d, len(out)) for d in node.args[1:3])
+            spans[node] = (d1 if at == d0 else d0 if at == d1 else at, start, length)
+        elif node.target in SIZE_ARG_OPS and src in spans and node.target is not aten.expand.default:
+            new = _view_axis(_shape(src), at, out)
+            if new is not None:
+                spans[node] = (new, start, length)
+        elif len(out) > at and out[at] >= start + length and all(
+                _shape(a) is None or len(_shape(a)) != len(out) or _shape(a)[at] in (1, out[at])
+                for a in node.all_input_nodes):
+            spans[node] = (at, start, length)
+    return spans.get(target)

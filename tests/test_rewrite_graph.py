@@ -175,7 +175,7 @@ def test_snapshot_of_partial_rewrite():
     """The exact PARTIAL graph of a DiT block (block capture), as a snapshot."""
     policy = ToCa(interval=2, cache_ratio=0.5, time_weight=0.0, kind_factors=(("mlp", 1.0),))
     captured, branches, _, layout, _ = setup(policy, "blocks", num_layers=2)
-    assert layout.cached == {0, 1} and layout.scores == {0: "influence"}
+    assert layout.cached == {0, 1} and layout.scores == {(0, 0, 16): "influence"}
     step = build_step_graph(captured.graph_module, branches, partial_plan(branches), layout)
     code = step.graph_module.code.strip() + "\n"
     path = SNAPSHOTS / "dit_block_partial.py.txt"

@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tocache_fx.passes.token_axis import token_span
+
 from .schedule import Schedule, StepKind
 
 __all__ = ["TokenSelection", "CacheLayout", "plan_layout"]
@@ -48,8 +50,10 @@ class CacheLayout:
     cached: set[int] = field(default_factory=set)  # branch values reused later
     staleness: set[int] = field(default_factory=set)  # per-token counters
     attention: set[int] = field(default_factory=set)  # attention_mlp: attention outputs
-    score_source: dict[int, int] = field(default_factory=dict)  # partial -> scoring branch
-    scores: dict[int, str] = field(default_factory=dict)  # scoring branch -> score kind
+    # partial branch -> (scoring branch, start, length): its tokens in that attention's
+    # sequence (a span of a joint text+image attention)
+    score_source: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    scores: dict[tuple[int, int, int], str] = field(default_factory=dict)  # -> score kind
     noise: set[int] = field(default_factory=set)  # branches ranked with random noise
     stream: bool = False  # DuCa: the last block's output
     forecast_order: int = 0  # TaylorSeer: differences kept per cached branch
@@ -65,8 +69,9 @@ class CacheLayout:
 
         return CacheLayout(
             cut(self.cached), cut(self.staleness), cut(self.attention),
-            {k - start: v - start for k, v in self.score_source.items() if k in indices},
-            {k - start: v for k, v in self.scores.items() if k in indices},
+            {k - start: (v[0] - start,) + v[1:] for k, v in self.score_source.items()
+             if k in indices},
+            {(k[0] - start,) + k[1:]: v for k, v in self.scores.items() if k[0] in indices},
             cut(self.noise), False, self.forecast_order, self.selection)
 
     def key(self) -> tuple:
@@ -77,13 +82,31 @@ class CacheLayout:
                 self.stream, self.forecast_order, self.selection)
 
 
-def _scores_branch_tokens(source, branch) -> bool:
-    """Whether the source attention's map scores exactly `branch`'s tokens (joint
-    text+image attention scores more tokens than one stream has)."""
-    query, key = source[0].attention.args[:2]
-    scored = (query if source[1] == "entropy" else key).meta["val"].shape
-    wanted = branch.skip.meta["val"].shape
-    return (scored[0], scored[-2]) == (wanted[0], wanted[1])
+def _chain_start(branch, branches: Sequence):
+    """The stream `branch` updates, where the block's chain of residual adds starts."""
+    adds = {b.add: b for b in branches}
+    node = branch.skip
+    while node in adds:
+        node = adds[node].skip
+    return node
+
+
+def score_span(source, kind: str, branch, branches: Sequence) -> tuple[int, int] | None:
+    """(start, length) of `branch`'s tokens in the sequence its source attention scores
+    (keys for influence and V-norm, queries for cross-attention entropy); None when
+    they are not one run of it of the same batch."""
+    attention = source.attention
+    scored = attention.args[0 if kind == "entropy" else 1 if kind == "influence" else 2]
+    start = _chain_start(branch, branches)
+    gm_nodes = list(attention.graph.nodes)
+    order = {node: i for i, node in enumerate(gm_nodes)}
+    between = [n for n in gm_nodes[order[start] + 1:order[scored] + 1]]
+    found = token_span(between, start, scored)
+    val = scored.meta["val"]
+    if found is None or found[0] != val.dim() - 2 or found[2] != branch.num_tokens or \
+            val.shape[0] != branch.skip.meta["val"].shape[0]:
+        return None
+    return found[1], found[2]
 
 
 def plan_layout(policy, schedule: Schedule, branches: Sequence,
@@ -107,9 +130,11 @@ def plan_layout(policy, schedule: Schedule, branches: Sequence,
                 if branch.reused_attention is not None:
                     layout.attention.add(branch.index)
                 source = policy.score_source(branches, branch)
-                if source is not None and _scores_branch_tokens(source, branch):
-                    layout.score_source[branch.index] = source[0].index
-                    layout.scores[source[0].index] = source[1]
+                span = score_span(*source, branch, branches) if source is not None else None
+                if span is not None:
+                    key = (source[0].index,) + span
+                    layout.score_source[branch.index] = key
+                    layout.scores[key] = source[1]
                 if selection.staleness_weight:
                     layout.staleness.add(branch.index)
             if selection.noise != "none" or (branch.index not in layout.score_source

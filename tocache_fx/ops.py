@@ -97,11 +97,13 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
 
 
 def attention_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                        scale: float | None = None, chunk: int = 256) -> torch.Tensor:
+                        scale: float | None = None, chunk: int = 256,
+                        span: tuple[int, int] | None = None) -> torch.Tensor:
     """s1: how much attention each key token receives, `[B, H, N, d]` -> `[B, N]`.
 
-    Column sums of the head-averaged attention map, L2-normalised; computed over query
-    chunks so memory stays O(N * chunk) per head instead of O(N^2).
+    Column sums of the head-averaged attention map over keys `span` (start, length:
+    one stream of a joint attention; all keys if None), L2-normalised over them;
+    computed over query chunks so memory stays O(N * chunk) per head, not O(N^2).
     """
     total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
     for start in range(0, q.shape[-2], chunk):
@@ -109,12 +111,17 @@ def attention_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | N
         m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
             else mask
         total = total + _attention_probs(q_chunk, k, m_chunk, scale).mean(dim=1).sum(dim=1)
-    return _normalise(total)
+    return _normalise(_cut(total, span))
+
+
+def _cut(score: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    return score if span is None else score[:, span[0]:span[0] + span[1]]
 
 
 def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                             scale: float | None = None, chunk: int = 256,
-                            share_halves: bool = False) -> torch.Tensor:
+                            share_halves: bool = False,
+                            span: tuple[int, int] | None = None) -> torch.Tensor:
     """s2: entropy of each query token's cross-attention, `[B, H, N, d]` -> `[B, N]`.
 
     `normalise(1 + H)` with the map averaged over heads (and over the CFG halves when
@@ -128,13 +135,14 @@ def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
         if share_halves and probs.shape[0] % 2 == 0:
             probs = _shared_halves(probs.flatten(1)).view_as(probs)
         rows.append(-(probs * torch.log(probs + 1e-7)).sum(dim=-1))
-    return _normalise(1 + torch.cat(rows, dim=-1))
+    return _normalise(1 + _cut(torch.cat(rows, dim=-1), span))
 
 
-def value_norm_score(v: torch.Tensor) -> torch.Tensor:
-    """DuCa's V-norm selection: tokens with small value norms score high, `[B, H, N, d]` -> `[B, N]`."""
-    norms = v.float().norm(dim=-1).mean(dim=1)
-    return -norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+def value_norm_score(v: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+    """DuCa's V-norm selection: tokens with small value norms score high, `[B, H, N, d]`
+    -> `[B, N]` (over tokens `span`): L2-normalised `sum_heads (1 - |v|)`, as the authors'
+    `kv-norm` score."""
+    return _normalise(_cut((1 - v.float().norm(dim=-1)).sum(dim=1), span))
 
 
 def _similarity_score(x: torch.Tensor, noise: torch.Tensor, base_fraction: float) -> torch.Tensor:

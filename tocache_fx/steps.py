@@ -78,10 +78,12 @@ def _view(timestep: Any) -> TimestepView | None:
 
 def observe(timestep: Any, step_index: int | None = None, length: int | None = None,
             generation: int | None = None, scheduler_step: int | None = None) -> Observation:
-    """What a call with this `timestep` (and what the pipeline stated) tells."""
+    """What a call with this `timestep` (and what the pipeline stated) tells. The value
+    of a timestep tensor (a device-to-host copy on an accelerator) is read only when
+    nothing else tells the step."""
     view = _view(timestep)
     value, exact = None, True
-    if view is None:
+    if view is None and step_index is None and generation is None:
         if isinstance(timestep, torch.Tensor) and timestep.numel():
             value, exact = float(timestep.reshape(-1)[0]), timestep.dtype not in _COLLIDING
         elif isinstance(timestep, (int, float)):
