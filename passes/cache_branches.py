@@ -103,6 +103,7 @@ def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
             coefficient = _coefficient(state, order, i, anchor)
             with output.graph.inserting_before(anchor):
                 new = output.graph.call_function(ops.finite_difference, (new, old, coefficient))
+            new.meta["val"] = output.meta["val"]
             state.write(f"diff{i + 1}.{branch.index}", _tag(new, "forecast", branch))
     state.write(f"cache.{branch.index}", output)
     if branch.index in layout.attention:
@@ -216,6 +217,7 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
                 clone.args = (clone.args[0], sizes) + tuple(clone.args[2:])
             env[node] = _tag(clone, "compute", branch)
         updated = graph.call_function(ops.scatter_tokens, (cache, idx, env[output]))
+        updated.meta["val"] = output.meta["val"]
         _tag(updated, "scatter", branch)
         if branch.index in layout.staleness:
             stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))

@@ -27,32 +27,58 @@ def slot_example(like: Node, dtype: torch.dtype | None = None,
                        dtype=dtype or val.dtype, device="meta")
 
 
-class GraphState:
-    """Collects the cache slots a step graph reads and writes."""
+VALUE_SLOTS = ("cache.", "attn.", "diff", "stream")
+"""Slots holding branch values (kept in `cache_dtype` when one is set); the others are
+counters, scores and sizes, kept as they are."""
 
-    def __init__(self, graph: Graph) -> None:
+
+class GraphState:
+    """Collects the cache slots a step graph reads and writes; with `cache_dtype`, value
+    slots are stored in that dtype (a cast on write, and back on read)."""
+
+    def __init__(self, graph: Graph, cache_dtype: torch.dtype | None = None) -> None:
         self.graph = graph
-        self.reads: dict[str, Node] = {}
+        self.cache_dtype = cache_dtype
+        self.reads: dict[str, Node] = {}  # the placeholders
+        self.values: dict[str, Node] = {}  # what the graph reads them as
         self.writes: dict[str, Node] = {}
         self.examples: dict[str, torch.Tensor] = {}
         self.optional: set[str] = set()
 
+    def _stored(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        if self.cache_dtype is not None and name.startswith(VALUE_SLOTS) and dtype.is_floating_point:
+            return self.cache_dtype
+        return dtype
+
     def read(self, name: str, example: torch.Tensor, optional: bool = False) -> Node:
-        """The placeholder holding slot `name` (created on first use); an `optional`
+        """The value of slot `name` (a placeholder, created on first use); an `optional`
         slot the cache does not hold yet is fed as zeros."""
         if optional:
             self.optional.add(name)
         if name not in self.reads:
+            stored = example.to(self._stored(name, example.dtype))
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
                 node = self.graph.placeholder(name.replace(".", "_"))
-            node.meta["val"] = example
+            node.meta["val"] = stored
             node.meta["tocache_slot"] = name
-            self.reads[name] = node
-            self.examples[name] = example
-        return self.reads[name]
+            self.reads[name] = self.values[name] = node
+            self.examples[name] = stored
+            if stored.dtype != example.dtype:
+                with self.graph.inserting_after(node):
+                    cast = self.graph.call_function(torch.ops.aten._to_copy.default, (node,),
+                                                    {"dtype": example.dtype})
+                cast.meta["val"] = example
+                self.values[name] = cast
+        return self.values[name]
 
     def write(self, name: str, node: Node) -> None:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and self._stored(name, val.dtype) != val.dtype:
+            with self.graph.inserting_after(node):
+                node = self.graph.call_function(torch.ops.aten._to_copy.default, (node,),
+                                                {"dtype": self.cache_dtype})
+            node.meta["val"] = val.to(self.cache_dtype)
         node.meta["tocache_slot"] = name
         self.writes[name] = node
 

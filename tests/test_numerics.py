@@ -207,3 +207,23 @@ def test_block_and_whole_model_capture_agree(dit, policy):
     model = denoise(tocache_fx.transform(dit, policy, compile=False, capture="model"),
                     dit_inputs, STEPS)
     torch.testing.assert_close(blocks, model, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=3), TaylorSeer(interval=2, order=2),
+                                    ToCa(cache_ratio=0.8, num_steps=STEPS)],
+                         ids=lambda p: type(p).__name__)
+def test_cache_dtype_stores_values_in_low_precision(dit, policy):
+    full = cached(dit, policy)
+    low = tocache_fx.transform(dit, policy, compile=False, cache_dtype=torch.bfloat16)
+    dtypes = set()
+
+    def recording(**inputs):
+        out = low(**inputs)
+        dtypes.update(t.dtype for g in low._generations.values() for slots in g.slots.values()
+                      for name, t in slots.items() if name.startswith(("cache.", "diff")))
+        return out
+
+    out_full, out_low = denoise(full, dit_inputs, STEPS), denoise(recording, dit_inputs, STEPS)
+    assert dtypes == {torch.bfloat16}  # after every step, FULL and cached ones
+    assert not torch.equal(out_low, out_full)  # rounded, and only slightly
+    torch.testing.assert_close(out_low, out_full, rtol=0.05, atol=0.05)

@@ -37,7 +37,7 @@ def _transformers(pipe: Any) -> list[str]:
 
 
 def transform(model: Any, policy: Policy, *, compile: bool = True, compile_mode: str | None = None,
-              capture: CaptureMode = "auto") -> Any:
+              capture: CaptureMode = "auto", cache_dtype: torch.dtype | None = None) -> Any:
     """Make a diffusers transformer (in eval mode), or a pipeline's transformers, follow a
     caching `policy`.
 
@@ -49,7 +49,9 @@ def transform(model: Any, policy: Policy, *, compile: bool = True, compile_mode:
 
     `capture`: "blocks" captures and compiles each repeated block once per block class
     (the model's forward runs the rest eagerly), "model" the whole forward as one graph
-    per step plan, "auto" blocks where the model has repeated blocks.
+    per step plan, "auto" blocks where the model has repeated blocks. `cache_dtype`
+    (e.g. `torch.bfloat16` for a float32 model) stores the cached branch values in a
+    lower precision: half the cache memory.
 
     Example:
         >>> pipe = transform(pipe, ToCa(interval=3, cache_ratio=0.93))    # doctest: +SKIP
@@ -68,11 +70,11 @@ def transform(model: Any, policy: Policy, *, compile: bool = True, compile_mode:
         for name in _transformers(pipe):
             cached = CachedTransformer(_eval_model(untransform(getattr(pipe, name))), policy,
                                        compile=compile, compile_mode=compile_mode,
-                                       capture=capture, binding=binding)
+                                       capture=capture, cache_dtype=cache_dtype, binding=binding)
             setattr(pipe, name, cached)
         return pipe
     return CachedTransformer(_eval_model(untransform(model)), policy, compile=compile,
-                             compile_mode=compile_mode, capture=capture)
+                             compile_mode=compile_mode, capture=capture, cache_dtype=cache_dtype)
 
 
 def _eval_model(model: torch.nn.Module) -> torch.nn.Module:

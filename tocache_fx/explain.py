@@ -64,10 +64,10 @@ class _Counter:
             base_sizes = {f"ksize.{i}": 2 for i in dynamic}
             base = step_flops(graph, sizes=base_sizes)
             slopes = {i: step_flops(graph, sizes={**base_sizes, f"ksize.{i}": 3}) - base
-                      for i in dynamic}
+                      for i in dynamic if tokens[i] > 2}
             self._linear[key] = (base, slopes)
-        base, slopes = self._linear[key]
-        return base + sum(slope * (plan[1 + i] - 2) for i, slope in slopes.items())
+        base, slopes = self._linear[key]  # k = 1 runs as 2 tokens, and is counted so
+        return base + sum(slope * (max(2, plan[1 + i]) - 2) for i, slope in slopes.items())
 
 
 def _plan_flops(counter: _Counter, prepared, plan: Plan, layout: CacheLayout) -> int:

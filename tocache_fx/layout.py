@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from tocache_fx.passes.token_axis import token_span
 
 from .schedule import Schedule, StepKind
@@ -58,6 +60,7 @@ class CacheLayout:
     stream: bool = False  # DuCa: the last block's output
     forecast_order: int = 0  # TaylorSeer: differences kept per cached branch
     selection: TokenSelection = field(default_factory=TokenSelection)
+    cache_dtype: torch.dtype | None = None  # branch values stored in this dtype
 
     def local(self, indices: range) -> CacheLayout:
         """The part of the layout over branches `indices` (one block's), re-indexed from
@@ -72,14 +75,14 @@ class CacheLayout:
             {k - start: (v[0] - start,) + v[1:] for k, v in self.score_source.items()
              if k in indices},
             {(k[0] - start,) + k[1:]: v for k, v in self.scores.items() if k[0] in indices},
-            cut(self.noise), False, self.forecast_order, self.selection)
+            cut(self.noise), False, self.forecast_order, self.selection, self.cache_dtype)
 
     def key(self) -> tuple:
         """A hashable description (step graphs are shared by equal layouts)."""
         return (tuple(sorted(self.cached)), tuple(sorted(self.staleness)),
                 tuple(sorted(self.attention)), tuple(sorted(self.score_source.items())),
                 tuple(sorted(self.scores.items())), tuple(sorted(self.noise)),
-                self.stream, self.forecast_order, self.selection)
+                self.stream, self.forecast_order, self.selection, self.cache_dtype)
 
 
 def _chain_start(branch, branches: Sequence):
@@ -110,13 +113,16 @@ def score_span(source, kind: str, branch, branches: Sequence) -> tuple[int, int]
 
 
 def plan_layout(policy, schedule: Schedule, branches: Sequence,
-                grid: tuple[int, int] | None = None, cfg_halves: bool = False) -> CacheLayout:
+                grid: tuple[int, int] | None = None, cfg_halves: bool = False,
+                cache_dtype: torch.dtype | None = None) -> CacheLayout:
     """The cache layout of `schedule` (see the module docstring). `cfg_halves`: the
-    batch is `[uncond; cond]`, so a policy that shares selections across the halves may."""
+    batch is `[uncond; cond]`, so a policy that shares selections across the halves may;
+    `cache_dtype`: store branch values in this dtype."""
     selection = policy.token_selection(grid)
     selection = dataclasses.replace(selection, share_halves=selection.share_halves and cfg_halves)
     layout = CacheLayout(selection=selection,
-                         forecast_order=getattr(policy, "order", 0) if schedule.forecast else 0)
+                         forecast_order=getattr(policy, "order", 0) if schedule.forecast else 0,
+                         cache_dtype=cache_dtype)
     for plan in schedule.plans():
         if plan[0] == StepKind.AGGRESSIVE:
             layout.stream = True

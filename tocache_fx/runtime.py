@@ -133,13 +133,15 @@ class CachedTransformer(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, policy: Policy, compile: bool = True,
                  compile_mode: str | None = None, capture: CaptureMode = "auto",
-                 binding: PipelineBinding | None = None, _shared: _Shared | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None, binding: PipelineBinding | None = None,
+                 _shared: _Shared | None = None) -> None:
         super().__init__()
         self.original = model
         self.policy = policy
         self.compile = compile
         self.compile_mode = compile_mode
         self.capture = capture
+        self.cache_dtype = cache_dtype
         self._binding = binding
         self._forward_signature = inspect.signature(model.forward)
         self._shared = _shared or _Shared()
@@ -197,7 +199,8 @@ class CachedTransformer(torch.nn.Module):
         return CachedTransformer(self.original, policy,
                                  compile=self.compile if compile is None else compile,
                                  compile_mode=self.compile_mode, capture=self.capture,
-                                 binding=self._binding, _shared=self._shared)
+                                 cache_dtype=self.cache_dtype, binding=self._binding,
+                                 _shared=self._shared)
 
     @property
     def num_compiled_graphs(self) -> int:
@@ -363,7 +366,7 @@ class CachedTransformer(torch.nn.Module):
         if key not in self._plans:
             schedule = build_schedule(self.policy, prepared.branches, generation.num_steps)
             layout = plan_layout(self.policy, schedule, prepared.branches, prepared.grid,
-                                 generation.cfg_halves)
+                                 generation.cfg_halves, self.cache_dtype)
             coefficients = _forecast_coefficients(schedule, layout.forecast_order,
                                                   prepared.device) \
                 if layout.forecast_order else None

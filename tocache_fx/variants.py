@@ -72,7 +72,7 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
     """Rewrite a copy of `base` for `plan` (a `plan_shape`) under `layout`."""
     gm = _copy(base)
     num_outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-    state = GraphState(gm.graph)
+    state = GraphState(gm.graph, layout.cache_dtype)
     skip_blocks(gm, branches, plan, layout, state)
     if plan[0] != StepKind.AGGRESSIVE:
         attention_scores(gm, branches, plan, layout, state)
