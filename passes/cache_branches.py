@@ -73,6 +73,8 @@ def cache_branches(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int,
             _store_full(branch, by_name, layout, state)
         elif k == 0:
             _reuse(branch, by_name, layout, state)
+        elif branch.index in layout.prune:
+            _prune(gm, branch, by_name, layout, state)
         else:
             _partial(gm, branch, k, by_name, layout, state)
         modified = True
@@ -106,6 +108,12 @@ def _store_full(branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
             new.meta["val"] = output.meta["val"]
             state.write(f"diff{i + 1}.{branch.index}", _tag(new, "forecast", branch))
     state.write(f"cache.{branch.index}", output)
+    if branch.index in layout.kv_cache:  # keys and values of every token, for P-steps
+        attentions = [n for n in branch.nodes
+                      if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        for i, attention in enumerate(attentions):
+            state.write(f"kv.{branch.index}.{i}k", by_name[attention.args[1].name])
+            state.write(f"kv.{branch.index}.{i}v", by_name[attention.args[2].name])
     if branch.index in layout.attention:
         state.write(f"attn.{branch.index}", by_name[branch.reused_attention.name])
     if branch.index in layout.staleness:
@@ -183,35 +191,105 @@ def _token_count(branch: Branch, k: int, state: GraphState) -> tuple[int | Node,
 
 def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
              layout: CacheLayout, state: GraphState) -> None:
+    """Recompute the k tokens `select_tokens` picks; the rest of the branch is cached."""
+    skip, consumer = by_name[branch.skip.name], by_name[branch.consumer.name]
+    count, valid = _token_count(branch, k, state)
+    with gm.graph.inserting_before(consumer):
+        idx = _tag(_select(branch, count, valid, skip, layout, state), "select", branch)
+    updated = _recompute(gm, branch, idx, count, branch.token_axes, branch.side_inputs,
+                         branch.bypass, branch.reused_attention, by_name, state)
+    if branch.index in layout.staleness:
+        stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))
+        with gm.graph.inserting_before(consumer):
+            older = _tag(gm.graph.call_function(ops.advance_staleness, (stale, idx)),
+                         "staleness", branch)
+        state.write(f"stale.{branch.index}", older)
+
+
+_ATTENTION_KINDS = ("self_attention", "attention_mlp")
+
+
+def _prune(gm: GraphModule, branch: Branch, by_name: dict[str, Node], layout: CacheLayout,
+           state: GraphState) -> None:
+    """Recompute the tokens listed in graph input `prune.b` (the same for every sample,
+    a dynamic size): TokenCache's pruned block. A self-attention branch runs for those
+    queries over the keys and values of all tokens of the current stream
+    (`listed_attention` "all"), of the listed ones only ("kept"), or of the listed ones
+    with the others' from the last FULL step ("cached", slots `kv.b.<i>`)."""
+    example = max(2, min(branch.num_tokens - 1, branch.num_tokens // 2))
+    listed = state.read(f"prune.{branch.index}",
+                        torch.empty(example, dtype=torch.int64, device="meta"))
+    listed.meta["tocache_max"] = branch.num_tokens
+    consumer = by_name[branch.consumer.name]
+    graph = gm.graph
+    with graph.inserting_before(consumer):
+        count = _tag(graph.call_function(torch.ops.aten.sym_size.int, (listed, 0)), "ksize", branch)
+        idx = _tag(graph.call_function(ops.batch_index, (listed, by_name[branch.skip.name])),
+                   "select", branch)
+    path = branch.query if branch.kind in _ATTENTION_KINDS else None
+    mode = layout.selection.listed_attention
+    if path is None:
+        axes, side, bypass = branch.token_axes, branch.side_inputs, branch.bypass
+    elif mode == "all" or path.keys_values is None:  # a joint attention keeps all its keys
+        axes, side, bypass = path.token_axes, path.side_inputs, path.bypass
+    else:
+        axes, side, bypass = path.keys_values
+    reused = branch.reused_attention if path is None else None
+    _recompute(gm, branch, idx, count, axes, side, bypass, reused, by_name, state)
+    if branch.index in layout.kv_cache:
+        _cached_keys_values(gm, branch, idx, state)
+
+
+def _cached_keys_values(gm: GraphModule, branch: Branch, idx: Node, state: GraphState) -> None:
+    """The recomputed attention reads the listed tokens' fresh keys and values and the
+    others' from the last FULL step."""
+    clones = [n for n in gm.graph.nodes if n.meta.get("tocache") == f"compute:{branch.index}"
+              and n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    originals = [n for n in branch.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    for i, (clone, original) in enumerate(zip(clones, originals)):
+        args = list(clone.args)
+        for position, name in ((1, "k"), (2, "v")):
+            cached = state.read(f"kv.{branch.index}.{i}{name}", slot_example(original.args[position]))
+            with gm.graph.inserting_before(clone):
+                merged = gm.graph.call_function(ops.scatter_tokens, (cached, idx, args[position], 2))
+            merged.meta["val"] = original.args[position].meta["val"]
+            args[position] = _tag(merged, "scatter", branch)
+            state.write(f"kv.{branch.index}.{i}{name}", merged)
+        clone.args = tuple(args)
+
+
+def _recompute(gm: GraphModule, branch: Branch, idx: Node, count: int | Node,
+               axes: dict[Node, object], side_inputs: dict[Node, tuple[int, int, int]],
+               bypass: dict[Node, Node], reused_attention: Node | None,
+               by_name: dict[str, Node], state: GraphState) -> Node:
+    """Clone the branch onto tokens `idx` and scatter the result into `cache.b`, which the
+    gate then reads; returns the updated cache."""
     graph = gm.graph
     skip, output = by_name[branch.skip.name], by_name[branch.output.name]
     consumer = by_name[branch.consumer.name]
     cache = state.read(f"cache.{branch.index}", slot_example(branch.output))
-    count, valid = _token_count(branch, k, state)
     with graph.inserting_before(consumer):
-        idx = _tag(_select(branch, count, valid, skip, layout, state), "select", branch)
         env = {skip: _tag(graph.call_function(ops.gather_tokens, (skip, idx)), "gather", branch)}
-        for side, (axis, rank) in branch.side_inputs.items():
+        for side, (axis, rank, offset) in side_inputs.items():
             node = by_name[side.name]
-            gathered = graph.call_function(ops.gather_side_input, (node, idx, axis, rank))
+            gathered = graph.call_function(ops.gather_side_input, (node, idx, axis, rank, offset))
             env[node] = _tag(gathered, "gather", branch)
-        attention = branch.reused_attention
-        if attention is not None:
-            cached = state.read(f"attn.{branch.index}", slot_example(attention))
+        if reused_attention is not None:
+            cached = state.read(f"attn.{branch.index}", slot_example(reused_attention))
             gathered = graph.call_function(ops.gather_tokens,
-                                           (cached, idx, branch.token_axes[attention]))
-            env[by_name[attention.name]] = _tag(gathered, "gather", branch)
+                                           (cached, idx, axes[reused_attention]))
+            env[by_name[reused_attention.name]] = _tag(gathered, "gather", branch)
         for old in branch.nodes:
             node = by_name[old.name]
-            if node in env or old not in branch.token_axes:
+            if node in env or old not in axes:
                 continue
-            if old in branch.bypass:  # a joint sequence's cat or closing slice
-                env[node] = env[by_name[branch.bypass[old].name]]
+            if old in bypass:  # a joint sequence's cat or closing slice
+                env[node] = env[by_name[bypass[old].name]]
                 continue
             clone = graph.node_copy(node, lambda n: env.get(n, n))
             if node.target in SIZE_ARG_OPS:
                 sizes = list(clone.args[1])
-                axis = branch.token_axes[old]
+                axis = axes[old]
                 if sizes[axis] != -1:
                     sizes[axis] = count
                 clone.args = (clone.args[0], sizes) + tuple(clone.args[2:])
@@ -219,11 +297,6 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
         updated = graph.call_function(ops.scatter_tokens, (cache, idx, env[output]))
         updated.meta["val"] = output.meta["val"]
         _tag(updated, "scatter", branch)
-        if branch.index in layout.staleness:
-            stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))
-            older = _tag(graph.call_function(ops.advance_staleness, (stale, idx)), "staleness",
-                         branch)
-            state.write(f"stale.{branch.index}", older)
     consumer.replace_input_with(output, updated)
     state.write(f"cache.{branch.index}", updated)
-
+    return updated

@@ -27,11 +27,11 @@ from torch.fx import GraphModule, Node
 from tocache_fx.errors import UnsupportedModelError
 from tocache_fx.opaque import OPAQUE_OP
 
-from .token_axis import NotTokenWise, token_axes
+from .token_axis import NotTokenWise, query_path, token_axes
 
 aten = torch.ops.aten
 
-__all__ = ["Branch", "find_branches", "ATTENTION_OPS"]
+__all__ = ["Branch", "QueryPath", "find_branches", "ATTENTION_OPS"]
 
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 _HEAVY_OPS = ATTENTION_OPS | {
@@ -46,6 +46,21 @@ _POST_VIEWS = {
     aten._to_copy.default, aten.clone.default, aten.contiguous.default,
     aten.dropout.default, aten.alias.default,
 }
+
+
+@dataclass(eq=False)
+class QueryPath:
+    """A self-attention branch computed for chosen queries: the nodes to run on them
+    (with their token axes), the side inputs to gather and the joint-sequence bypass,
+    key and value projections running over all tokens; and the same with keys and
+    values computed on the chosen tokens too (`keys_values`: None for a joint
+    attention, whose other stream's keys would be dropped)."""
+
+    token_axes: dict[Node, object]
+    side_inputs: dict[Node, tuple[int, int, int]]
+    bypass: dict[Node, Node]
+    keys_values: tuple[dict[Node, object], dict[Node, tuple[int, int, int]],
+                       dict[Node, Node]] | None = None
 
 
 @dataclass(eq=False)
@@ -67,14 +82,27 @@ class Branch:
     partial_reason: str | None = None  # None: PARTIAL-able (token-wise)
     # attention_mlp: the attention whose output PARTIAL steps reuse (cached at FULL steps)
     reused_attention: Node | None = field(repr=False, default=None)
-    # per-token side inputs (rotary tables, per-token modulation) -> (token axis, rank)
-    side_inputs: dict[Node, tuple[int, int]] = field(repr=False, default_factory=dict)
+    # per-token side inputs (rotary tables, per-token modulation) -> (token axis, rank,
+    # offset into a joint sequence's table)
+    side_inputs: dict[Node, tuple[int, int, int]] = field(repr=False, default_factory=dict)
     # cat/slice pairs around a joint sequence: node -> the node whose value it takes
     bypass: dict[Node, Node] = field(repr=False, default_factory=dict)
+    # self-attention recomputed for chosen queries, keys and values over all tokens
+    # (TokenCache's pruned blocks): the query path, or why there is none
+    query: QueryPath | None = field(repr=False, default=None)
+    query_reason: str | None = None
+    # (start, length) of the block's image tokens in this branch's stream (TokenCache)
+    image_span: tuple[int, int] | None = None
 
     @property
     def partial_ok(self) -> bool:
         return self.partial_reason is None
+
+    @property
+    def prunable(self) -> bool:
+        """Whether chosen tokens can be recomputed with all others reused: token-wise,
+        or self-attention recomputed for those queries."""
+        return self.partial_ok or self.query is not None
 
     @property
     def num_tokens(self) -> int:
@@ -245,7 +273,7 @@ def _mark_attention_mlp(branch: Branch) -> None:
     out, skip = _tensor_shape(attention), _tensor_shape(branch.skip)
     if len(heavy) < 2 or out is None or (out[0], out[-2]) != skip[:2]:
         return
-    side: dict[Node, tuple[int, int]] = {}
+    side: dict[Node, tuple[int, int, int]] = {}
     try:
         axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2},
                           side_inputs=side)
@@ -258,12 +286,34 @@ def _mark_attention_mlp(branch: Branch) -> None:
     branch.token_axes, branch.reused_attention, branch.side_inputs = axes, attention, side
 
 
+def _mark_query_path(branch: Branch) -> None:
+    """Record the query path of a self-attention branch (see `QueryPath`)."""
+    side: dict[Node, tuple[int, int, int]] = {}
+    bypass: dict[Node, Node] = {}
+    try:
+        axes = token_axes(branch.nodes, branch.skip, axis=1, side_inputs=side, bypass=bypass,
+                          queries_only=True)
+    except NotTokenWise as error:
+        branch.query_reason = str(error)
+        return
+    if axes.get(branch.output) != 1 or len(_tensor_shape(branch.output) or ()) != 3:
+        branch.query_reason = "the cached value is not a [batch, tokens, channels] tensor"
+        return
+    needed = query_path(branch.nodes, axes, branch.output)
+    joint = any(node not in needed for node in bypass)  # a cat on the key/value side
+    branch.query = QueryPath({n: a for n, a in axes.items() if n in needed},
+                             {n: v for n, v in side.items() if any(u in needed for u in n.users)},
+                             {n: v for n, v in bypass.items() if n in needed},
+                             None if joint else (axes, side, bypass))
+
+
 def _mark_partial(branch: Branch) -> None:
     """Record whether the branch can run on a gathered subset of its tokens."""
     if branch.kind == "self_attention":
         _mark_attention_mlp(branch)
+        _mark_query_path(branch)
         return
-    side: dict[Node, tuple[int, int]] = {}
+    side: dict[Node, tuple[int, int, int]] = {}
     bypass: dict[Node, Node] = {}
     spans: dict[Node, tuple[int, int]] = {}
     try:

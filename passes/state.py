@@ -27,7 +27,7 @@ def slot_example(like: Node, dtype: torch.dtype | None = None,
                        dtype=dtype or val.dtype, device="meta")
 
 
-VALUE_SLOTS = ("cache.", "attn.", "diff", "stream")
+VALUE_SLOTS = ("cache.", "attn.", "diff", "stream", "kv.", "block.")
 """Slots holding branch values (kept in `cache_dtype` when one is set); the others are
 counters, scores and sizes, kept as they are."""
 

@@ -80,23 +80,28 @@ def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> 
 
 def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1,
                cached: dict[Node, int] | None = None,
-               side_inputs: dict[Node, tuple[int, int]] | None = None,
+               side_inputs: dict[Node, tuple[int, int, int]] | None = None,
                bypass: dict[Node, Node] | None = None,
-               spans: dict[Node, tuple[int, int]] | None = None) -> dict[Node, object]:
+               spans: dict[Node, tuple[int, int]] | None = None,
+               queries_only: bool = False) -> dict[Node, object]:
     """Token axis of every node of a branch (`nodes`, in graph order).
 
     `cached` maps nodes whose values come from a cache (gathered per token, not
     computed) to their token axis. Values are an int, or a tuple of ints/None for ops
     returning several tensors. Per-token side inputs of pointwise ops (rotary tables,
-    per-token modulation) are recorded in `side_inputs` as (token axis, rank) once
-    left-padded to the rank of the op that reads them: a PARTIAL step gathers them at
-    the chosen tokens.
+    per-token modulation) are recorded in `side_inputs` as (token axis, rank, offset)
+    once left-padded to the rank of the op that reads them: a PARTIAL step gathers them
+    at the chosen tokens (shifted by `offset` where the table spans a joint sequence).
 
     Other tokens may ride along: `cat([other, x], dim=tokens)` ... `y[:, start:end]`
     (CogVideoX runs one MLP over text and image tokens, then slices each stream back).
     Nodes in between get a `spans` entry (start, length) of the branch's tokens; a
     PARTIAL step runs them on the chosen tokens only, so the cat and the closing slice
     are in `bypass` (node -> the node whose value it takes).
+
+    `queries_only`: attention may also take its keys and values from the branch's
+    tokens (self-attention); the analysis then proves the *query* path token-wise (see
+    `query_path`): chosen tokens attend to the keys and values of all tokens.
     Raises `NotTokenWise` naming the first op that mixes tokens.
     """
     side_inputs = {} if side_inputs is None else side_inputs
@@ -116,13 +121,32 @@ def token_axes(nodes: Iterable[Node], branch_input: Node, axis: int = 1,
         if len(span) > 1:
             raise _fail(node, "combines tensors that carry different extra tokens")
         span = span.pop()
-        known_side = len(side_inputs)
-        axes[node] = _node_axis(node, axes, num_tokens, side_inputs)
+        known = set(side_inputs)
+        axes[node] = _node_axis(node, axes, num_tokens, side_inputs, queries_only)
         if span is not None:
-            if len(side_inputs) != known_side:
-                raise _fail(node, "reads a per-token side input next to extra tokens")
+            for new in set(side_inputs) - known:  # a table over the joint sequence
+                side_axis, rank, _ = side_inputs[new]
+                if _shape(new)[side_axis - (rank - len(_shape(new)))] != _shape(node)[axes[node]]:
+                    raise _fail(node, "reads a per-token side input next to extra tokens")
+                side_inputs[new] = (side_axis, rank, span[0])
             spans[node] = span
     return axes
+
+
+def query_path(nodes: Sequence[Node], axes: dict[Node, object], output: Node) -> set[Node]:
+    """The nodes of a `queries_only` analysis that the output needs on the query side:
+    key and value projections stay computed over all tokens (not gathered)."""
+    attentions = [n for n in nodes if n.target in _SDPA and n in axes]
+    keys_values = {arg for n in attentions for arg in n.args[1:3] if isinstance(arg, Node)}
+    needed, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in needed or node not in axes:
+            continue
+        needed.add(node)
+        inputs = [node.args[0]] if node in attentions else node.all_input_nodes
+        stack.extend(a for a in inputs if a not in keys_values)
+    return needed
 
 
 def _opens_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[int, int]],
@@ -145,8 +169,17 @@ def _opens_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[in
 
 def _closes_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[int, int]],
                  bypass: dict[Node, Node]) -> bool:
-    """`y[:, start:start + length]` taking back exactly the branch's tokens."""
+    """`y[:, start:start + length]`, or the chunk of a split, taking back exactly the
+    branch's tokens."""
     src = node.args[0] if node.args else None
+    if node.target in (aten.split_with_sizes.default, aten.split.Tensor) and src in spans:
+        return _closes_span_by_split(node, src, axes, spans, bypass)
+    if node.target is operator.getitem and src in bypass and \
+            src.target in (aten.split_with_sizes.default, aten.split.Tensor):
+        if axes[src][node.args[1]] is None:
+            return True  # another stream's chunk: not the branch's
+        axes[node], bypass[node] = axes[src][node.args[1]], bypass[src]
+        return True
     if node.target is not aten.slice.Tensor or src not in spans:
         return False
     axis, (start, length) = axes[src], spans[src]
@@ -161,6 +194,24 @@ def _closes_span(node: Node, axes: dict[Node, object], spans: dict[Node, tuple[i
     return True
 
 
+def _closes_span_by_split(node: Node, src: Node, axes: dict[Node, object],
+                          spans: dict[Node, tuple[int, int]], bypass: dict[Node, Node]) -> bool:
+    axis, (start, length) = axes[src], spans[src]
+    total = _shape(src)[axis]
+    if _norm_dim(_arg(node, 2, "dim", 0), len(_shape(src))) != axis:
+        return False
+    sizes = _arg(node, 1, "split_size", None)
+    if isinstance(sizes, int):
+        sizes = [sizes] * (total // sizes) + ([total % sizes] if total % sizes else [])
+    begins = [sum(sizes[:i]) for i in range(len(sizes))]
+    if (start, length) not in zip(begins, sizes):
+        raise _fail(node, "splits other tokens than the branch's out of a joint sequence")
+    chunk = list(zip(begins, sizes)).index((start, length))
+    axes[node] = tuple(axis if i == chunk else None for i in range(len(sizes)))
+    bypass[node] = src
+    return True
+
+
 def _arg(node: Node, index: int, name: str, default: object) -> object:
     if len(node.args) > index:
         return node.args[index]
@@ -172,7 +223,8 @@ def _fail(node: Node, why: str) -> NotTokenWise:
 
 
 def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int,
-               side_inputs: dict[Node, tuple[int, int]]) -> object:
+               side_inputs: dict[Node, tuple[int, int, int]],
+               queries_only: bool = False) -> object:
     target, args = node.target, node.args
     out_shape = _shape(node)
     src = args[0] if args else None
@@ -253,12 +305,12 @@ def _node_axis(node: Node, axes: dict[Node, object], num_tokens: int,
             raise _fail(node, "slices along the token axis")
         return axes[src] - (1 if target is aten.select.int and dim < axes[src] else 0)
     if target in _SDPA:
-        return _attention_axis(node, axes)
+        return _attention_axis(node, axes, queries_only)
     raise _fail(node, "is not known to be token-wise")
 
 
 def _pointwise_axis(node: Node, axes: dict[Node, object],
-                    side_inputs: dict[Node, tuple[int, int]]) -> int:
+                    side_inputs: dict[Node, tuple[int, int, int]]) -> int:
     out_shape = _shape(node)
     out_ndim = len(out_shape)
     aligned = {out_ndim - len(_shape(a)) + axes[a] for a in node.all_input_nodes if a in axes}
@@ -274,10 +326,10 @@ def _pointwise_axis(node: Node, axes: dict[Node, object],
             continue  # broadcast over tokens
         padded_batch = shape[0] if len(shape) == out_ndim else 1
         if shape[pos] != out_shape[axis] or axis == 0 or padded_batch not in (1, out_shape[0]) \
-                or side_inputs.get(other, (axis, out_ndim)) != (axis, out_ndim):
+                or side_inputs.get(other, (axis, out_ndim, 0))[:2] != (axis, out_ndim):
             raise _fail(node, f"reads a side input {other.name} of shape {list(shape)} that "
                               "is neither per token nor broadcast over tokens")
-        side_inputs[other] = (axis, out_ndim)
+        side_inputs.setdefault(other, (axis, out_ndim, 0))
     return axis
 
 
@@ -312,16 +364,28 @@ def _cat_axis(node: Node, axes: dict[Node, object]) -> int:
     return axis
 
 
-def _attention_axis(node: Node, axes: dict[Node, object]) -> int:
+def _attention_axis(node: Node, axes: dict[Node, object], queries_only: bool = False) -> int:
     query, key, value = node.args[:3]
-    if key in axes or value in axes:
+    if (key in axes or value in axes) and not queries_only:
         raise _fail(node, "attends over the branch's own tokens (self-attention)")
+    for kv in (key, value):
+        if kv in axes and axes[kv] != len(_shape(kv)) - 2:
+            raise _fail(node, "takes keys or values with tokens off the sequence axis")
     mask = _arg(node, 3, "attn_mask", None)
     if isinstance(mask, Node) and (mask in axes or (_shape(mask) or (1, 1))[-2] > 1):
         raise _fail(node, "uses an attention mask with one row per query token")
     if query not in axes or axes[query] != len(_shape(query)) - 2:
         raise _fail(node, "does not take tokens along the query sequence axis")
     return axes[query]
+
+
+def main_stream(gm) -> Node | None:
+    """A block graph's image-token input: its `hidden_states` input, else its first
+    [batch, tokens, channels] input (after the `tocache_num_state` state inputs)."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"][gm.meta.get("tocache_num_state", 0):]
+    streams = [n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)
+               and n.meta["val"].dim() == 3 and "tocache_slot" not in n.meta]
+    return next((n for n in streams if n.name == "hidden_states"), streams[0] if streams else None)
 
 
 def token_span(nodes: Sequence[Node], source: Node, target: Node,
@@ -357,6 +421,18 @@ def token_span(nodes: Sequence[Node], source: Node, target: Node,
             new = _view_axis(_shape(src), at, out)
             if new is not None:
                 spans[node] = (new, start, length)
+        elif node.target is aten.slice.Tensor and src in spans and \
+                _norm_dim(_arg(node, 1, "dim", 0), len(out)) == at:
+            begin = _arg(node, 2, "start", None) or 0
+            begin += _shape(src)[at] if begin < 0 else 0
+            if begin <= start and start + length <= begin + out[at]:
+                spans[node] = (at, start - begin, length)
+        elif node.target is operator.getitem and src in spans and \
+                src.target in (aten.split_with_sizes.default, aten.split.Tensor):
+            sizes = [_shape(u)[at] for u in sorted(src.users, key=lambda u: u.args[1])]
+            begin = sum(sizes[:node.args[1]])
+            if begin <= start and start + length <= begin + out[at]:
+                spans[node] = (at, start - begin, length)
         elif len(out) > at and out[at] >= start + length and all(
                 _shape(a) is None or len(_shape(a)) != len(out) or _shape(a)[at] in (1, out[at])
                 for a in node.all_input_nodes):

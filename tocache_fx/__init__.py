@@ -17,15 +17,18 @@ import torch
 from .errors import CacheStateError, UnsupportedModelError
 from .explain import explain
 from .pipeline import PipelineBinding, is_pipeline
-from .policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa, policy_from_dict
+from .policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa, TokenCache, policy_from_dict
+from .predictor import CachePredictor
+from .training import train_token_cache
 from .runtime import CachedTransformer
 from .schedule import Schedule, StepKind, build_schedule
 from .units import CaptureMode
 
 __all__ = [
     "transform", "untransform", "explain", "CachedTransformer", "Policy", "NoCache", "FORA",
-    "TaylorSeer", "ToCa", "DuCa", "policy_from_dict", "Schedule", "StepKind", "build_schedule",
-    "UnsupportedModelError", "CacheStateError",
+    "TaylorSeer", "ToCa", "DuCa", "TokenCache", "CachePredictor", "train_token_cache",
+    "policy_from_dict", "Schedule", "StepKind", "build_schedule", "UnsupportedModelError",
+    "CacheStateError",
 ]
 __version__ = "0.2.0"
 

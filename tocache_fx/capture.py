@@ -246,6 +246,7 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(output.args[0]),)
     graph._codegen = CodeGen()
+    gm.meta["tocache_num_state"] = len(state_targets)
     graph.lint()
     gm.recompile()
     tensor_nodes = {node for node, leaf in zip(user_nodes, leaves) if isinstance(leaf, torch.Tensor)}

@@ -158,13 +158,37 @@ def _zero_lines(schedule: Schedule, branches) -> list[str]:
             f"(reused whole): {names}{more}"]
 
 
+def _pruning_lines(cached, schedule: Schedule, branches) -> list[str]:
+    """Which blocks prune how many image tokens at which steps (TokenCache)."""
+    listed = cached.policy.listed_tokens(branches, schedule.num_steps)
+    kept = {key[1][1]: [] for key in listed if isinstance(key[1], tuple)}
+    for (step, key), tokens in listed.items():
+        if isinstance(key, tuple):
+            kept[key[1]].append((step, len(tokens)))
+    if not kept:
+        return []
+    total = max((b.image_span[1] for b in branches if b.image_span), default=0)
+    rows = []
+    for block in sorted(kept):
+        steps = sorted(step for step, _ in kept[block])
+        counts = {count for _, count in kept[block]}
+        rows.append((block, next(b.block_path for b in branches if b.block == block),
+                     "/".join(str(total - c) for c in sorted(counts)), len(steps),
+                     ",".join(map(str, steps))))
+    unpruned = sorted({b.block for b in branches} - set(kept))
+    return ["", f"pruned image tokens (of {total}) per P-step; blocks that never prune: "
+            f"{unpruned if unpruned else 'none'}",
+            tabulate(rows, headers=["block", "module", "pruned", "P-steps", "at steps"])]
+
+
 def explain(cached, num_steps: int | None = None) -> str:
     """A table of the branches found and a table of FLOPs per step kind."""
     prepared = cached.last_prepared()
     branch_rows = [
         (b.index, b.block, b.block_path, b.kind, b.num_tokens,
          b.gate.name if b.gate is not None else "-",
-         "yes" if b.partial_ok else f"no: {b.partial_reason}")
+         "yes" if b.partial_ok else f"no: {b.partial_reason}"
+         + ("; TokenCache: for chosen queries" if b.query is not None else ""))
         for b in prepared.branches]
     flops = schedule_flops(cached, num_steps)
     schedule = flops["schedule"]
@@ -183,6 +207,7 @@ def explain(cached, num_steps: int | None = None) -> str:
         "",
         tabulate(step_rows, headers=["step kind", "steps", "GFLOPs / step"]),
         *_zero_lines(schedule, prepared.branches),
+        *_pruning_lines(cached, schedule, prepared.branches),
         "",
         f"schedule: {schedule.num_steps} steps, {flops['total'] / 1e9:.3f} GFLOPs vs "
         f"{flops['uncached_step'] * schedule.num_steps / 1e9:.3f} uncached: "

@@ -43,6 +43,9 @@ class TokenSelection:
     grid_bonus: float = 0.0
     share_halves: bool = False
     query_chunk: int = 256
+    listed: bool = False  # the policy lists the tokens per step (TokenCache): no scoring
+    listed_attention: str = "all"  # their queries attend to "all" / "kept" / "cached" keys
+    listed_cache: str = "branches"  # their pruned tokens: "branches", "output", "change"
 
 
 @dataclass
@@ -57,6 +60,8 @@ class CacheLayout:
     score_source: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     scores: dict[tuple[int, int, int], str] = field(default_factory=dict)  # -> score kind
     noise: set[int] = field(default_factory=set)  # branches ranked with random noise
+    prune: set[int] = field(default_factory=set)  # tokens listed by the policy (TokenCache)
+    kv_cache: set[int] = field(default_factory=set)  # pruned tokens' keys/values cached
     stream: bool = False  # DuCa: the last block's output
     forecast_order: int = 0  # TaylorSeer: differences kept per cached branch
     selection: TokenSelection = field(default_factory=TokenSelection)
@@ -75,14 +80,15 @@ class CacheLayout:
             {k - start: (v[0] - start,) + v[1:] for k, v in self.score_source.items()
              if k in indices},
             {(k[0] - start,) + k[1:]: v for k, v in self.scores.items() if k[0] in indices},
-            cut(self.noise), False, self.forecast_order, self.selection, self.cache_dtype)
+            cut(self.noise), cut(self.prune), cut(self.kv_cache), False, self.forecast_order,
+            self.selection, self.cache_dtype)
 
     def key(self) -> tuple:
         """A hashable description (step graphs are shared by equal layouts)."""
         return (tuple(sorted(self.cached)), tuple(sorted(self.staleness)),
                 tuple(sorted(self.attention)), tuple(sorted(self.score_source.items())),
                 tuple(sorted(self.scores.items())), tuple(sorted(self.noise)),
-                self.stream, self.forecast_order, self.selection, self.cache_dtype)
+                tuple(sorted(self.prune)), tuple(sorted(self.kv_cache)), self.stream, self.forecast_order, self.selection, self.cache_dtype)
 
 
 def _chain_start(branch, branches: Sequence):
@@ -132,7 +138,14 @@ def plan_layout(policy, schedule: Schedule, branches: Sequence,
         for branch, k in zip(branches, plan[1:]):
             if k < branch.num_tokens:
                 layout.cached.add(branch.index)
-            if 0 < k < branch.num_tokens:
+            if 0 < k < branch.num_tokens and selection.listed:
+                layout.prune.add(branch.index)
+                query = getattr(branch, "query", None)
+                if selection.listed_attention == "cached" and branch.kind in (
+                        "self_attention", "attention_mlp") and query is not None \
+                        and query.keys_values is not None:
+                    layout.kv_cache.add(branch.index)
+            elif 0 < k < branch.num_tokens:
                 if branch.reused_attention is not None:
                     layout.attention.add(branch.index)
                 source = policy.score_source(branches, branch)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "gather_tokens", "gather_side_input", "scatter_tokens", "advance_staleness", "select_tokens",
+    "gather_tokens", "gather_side_input", "batch_index", "scatter_tokens", "advance_staleness", "select_tokens",
     "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
     "finite_difference", "taylor_forecast",
 ]
@@ -35,18 +35,29 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int = 1) -> torch.Te
     return x.gather(1, _token_index(idx, x))
 
 
-def gather_side_input(x: torch.Tensor, idx: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+def gather_side_input(x: torch.Tensor, idx: torch.Tensor, axis: int, rank: int,
+                      offset: int = 0) -> torch.Tensor:
     """Tokens `idx` ([B, k]) of a per-token side input (a rotary table, per-token
     modulation) read by an op of rank `rank` with tokens along `axis`: `x` is left-padded
-    to that rank, broadcast over the batch, and gathered -> k tokens along `axis`."""
+    to that rank, broadcast over the batch, and gathered -> k tokens along `axis`; a
+    table over a joint sequence is read `offset` tokens in (where the branch's start)."""
     x = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape))
     if x.shape[0] == 1:
         x = x.expand(idx.shape[0], *x.shape[1:])
-    return gather_tokens(x, idx, axis)
+    return gather_tokens(x, idx + offset if offset else idx, axis)
 
 
-def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of `cache` ([B, N, ...]) with tokens `idx` replaced by `values` ([B, k, ...])."""
+def batch_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Token indices `[k]`, the same for every sample, as `[B, k]` for `like` ([B, N, ...])."""
+    return idx.unsqueeze(0).expand(like.shape[0], idx.shape[0])
+
+
+def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+                   axis: int = 1) -> torch.Tensor:
+    """A copy of `cache` ([B, N, ...], tokens along `axis`) with tokens `idx` ([B, k])
+    replaced by `values`."""
+    if axis != 1:
+        return scatter_tokens(cache.movedim(axis, 1), idx, values.movedim(axis, 1)).movedim(1, axis)
     return cache.scatter(1, _token_index(idx, values), values.to(cache.dtype))
 
 

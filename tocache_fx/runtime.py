@@ -82,6 +82,17 @@ class _Step:
     schedule: Schedule
     layout: CacheLayout
     coefficients: torch.Tensor | None  # per step forecast coefficients (TaylorSeer)
+    listed: dict[tuple[int, int], torch.Tensor]  # (step, branch) -> tokens (TokenCache)
+
+
+@dataclass
+class _Plan:
+    """What a schedule needs at run time, built once per generation length."""
+
+    schedule: Schedule
+    layout: CacheLayout
+    coefficients: torch.Tensor | None
+    listed: dict[tuple[int, int], torch.Tensor]
 
 
 _ACTIVE: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("tocache_step",
@@ -145,7 +156,7 @@ class CachedTransformer(torch.nn.Module):
         self._binding = binding
         self._forward_signature = inspect.signature(model.forward)
         self._shared = _shared or _Shared()
-        self._plans: dict[tuple, tuple[Schedule, CacheLayout, torch.Tensor | None]] = {}
+        self._plans: dict[tuple, _Plan] = {}
         self._generations: dict[str, _Generation] = {}
         self._context: tuple[str, dict[str, Any]] = ("default", {})
         self._carriers: dict[torch.device, torch.Tensor] = {}
@@ -236,11 +247,12 @@ class CachedTransformer(torch.nn.Module):
         if numbers and prepared.mode == "model":
             self._check_numbers(bound, call)
         generation = self._advance(bound, prepared)
-        schedule, layout, coefficients = self._schedule(prepared, generation)
-        step = generation.tracker.step
+        planned = self._schedule(prepared, generation)
+        schedule, step = planned.schedule, generation.tracker.step
         plan = schedule.full_plan() if generation.fresh or generation.uncached \
             else schedule.plan(step)
-        current = _Step(self, prepared, generation, step, plan, schedule, layout, coefficients)
+        current = _Step(self, prepared, generation, step, plan, schedule, planned.layout,
+                        planned.coefficients, planned.listed)
         with torch.no_grad():
             if prepared.mode == "model":
                 result = self._run_site(current, prepared.sites[0], (), call)
@@ -360,17 +372,19 @@ class CachedTransformer(torch.nn.Module):
         half = latent.shape[0] // 2
         return bool(torch.equal(latent[:half], latent[half:]))
 
-    def _schedule(self, prepared: Prepared, generation: _Generation
-                  ) -> tuple[Schedule, CacheLayout, torch.Tensor | None]:
+    def _schedule(self, prepared: Prepared, generation: _Generation) -> _Plan:
         key = (id(prepared), generation.num_steps, generation.cfg_halves)
         if key not in self._plans:
+            self.policy.check(type(self.original).__name__, prepared.branches)
             schedule = build_schedule(self.policy, prepared.branches, generation.num_steps)
             layout = plan_layout(self.policy, schedule, prepared.branches, prepared.grid,
                                  generation.cfg_halves, self.cache_dtype)
             coefficients = _forecast_coefficients(schedule, layout.forecast_order,
                                                   prepared.device) \
                 if layout.forecast_order else None
-            self._plans[key] = (schedule, layout, coefficients)
+            listed = {key: tokens.to(prepared.device) for key, tokens in
+                      self.policy.listed_tokens(prepared.branches, generation.num_steps).items()}
+            self._plans[key] = _Plan(schedule, layout, coefficients, listed)
         return self._plans[key]
 
     # -- running sites ---------------------------------------------------------------
@@ -424,7 +438,8 @@ class CachedTransformer(torch.nn.Module):
         for name in step_graph.writes:  # overwritten: release before the step runs
             if name not in step_graph.reads:
                 slots.pop(name, None)
-        feeds = [self._feed(name, plan, step_graph, slots, current) for name in step_graph.reads]
+        feeds = [self._feed(name, plan, step_graph, slots, current, site)
+                 for name in step_graph.reads]
         token = CURRENT_UNIT.set(site.module)
         try:
             outputs = run(*site.state(), *inputs, *feeds)
@@ -438,7 +453,7 @@ class CachedTransformer(torch.nn.Module):
         return unit.captured.unflatten(results)
 
     def _feed(self, name: str, plan: Plan, step_graph: StepGraph, slots: dict[str, torch.Tensor],
-              current: _Step) -> torch.Tensor:
+              current: _Step, site: Site) -> torch.Tensor:
         generation, device = current.generation, current.prepared.device
         if name.startswith("noise."):  # random ranking: fresh per call and branch
             return torch.rand(step_graph.examples[name].shape, generator=generation.generator,
@@ -447,6 +462,10 @@ class CachedTransformer(torch.nn.Module):
             return self._carrier(device, name, max(2, plan[1 + int(name.split(".")[1])]))
         if name.startswith("kvalid."):  # the tokens really chosen (k = 1 runs as 2)
             return self._count(device, name, plan[1 + int(name.split(".")[1])])
+        if name.startswith("prune."):  # the tokens the policy lists for this step
+            return current.listed[(current.step, site.first_branch + int(name.split(".")[1]))]
+        if name == "keep":  # the block's kept image tokens (TokenCache's merge)
+            return current.listed[(current.step, ("keep", site.index))]
         if name == "forecast":
             return current.coefficients[current.step] if not generation.fresh and \
                 current.step < current.schedule.num_steps else \
@@ -501,8 +520,8 @@ class CachedTransformer(torch.nn.Module):
             generation.num_steps if generation else DEFAULT_NUM_STEPS)
         probe = _Generation(num_steps=planned,
                             cfg_halves=generation.cfg_halves if generation else False)
-        schedule, layout, _ = self._schedule(prepared, probe)
-        return schedule, layout
+        planned = self._schedule(prepared, probe)
+        return planned.schedule, planned.layout
 
 
 def _dispatcher(site: Site):

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from tocache_fx.passes.find_branches import Branch, find_branches
+from tocache_fx.passes.token_axis import main_stream, token_span
 
 from .blocks import find_blocks
 from .capture import CapturedGraph, StateAccessor, call_signature, capture
@@ -139,9 +140,25 @@ _SAME_SHAPE = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.co
 
 def _find(captured: CapturedGraph, name: str) -> list[Branch]:
     try:
-        return find_branches(captured.graph_module, name)
+        branches = find_branches(captured.graph_module, name)
     except UnsupportedModelError:
         return []
+    _mark_image_spans(captured, branches)
+    return branches
+
+
+def _mark_image_spans(captured: CapturedGraph, branches: list[Branch]) -> None:
+    """Where each branch's stream holds the block's image tokens: the tokens of its
+    `hidden_states` input (else its first [batch, tokens, channels] input), followed
+    through the graph (a single-stream block's joint sequence holds them at an offset)."""
+    nodes = list(captured.graph_module.graph.nodes)
+    main = main_stream(captured.graph_module)
+    if main is None:
+        return
+    for branch in branches:
+        found = token_span(nodes, main, branch.skip)
+        if found is not None and found[0] == 1:
+            branch.image_span = found[1:]
 
 
 @dataclass

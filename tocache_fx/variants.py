@@ -22,6 +22,7 @@ from torch.fx import Graph, GraphModule, Node
 from tocache_fx.passes.attention_scores import attention_scores
 from tocache_fx.passes.cache_branches import DYNAMIC, cache_branches
 from tocache_fx.passes.find_branches import Branch
+from tocache_fx.passes.merge_pruned import merge_pruned
 from tocache_fx.passes.skip_blocks import skip_blocks
 from tocache_fx.passes.state import GraphState
 
@@ -55,7 +56,9 @@ def _copy(base: GraphModule) -> GraphModule:
     graph._codegen = base.graph._codegen
     output = graph.graph_copy(base.graph, {})
     graph.output(output)
-    return GraphModule(base, graph)
+    copy = GraphModule(base, graph)
+    copy.meta.update(base.meta)
+    return copy
 
 
 def _is_impure(node: Node) -> bool:
@@ -77,6 +80,7 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
     if plan[0] != StepKind.AGGRESSIVE:
         attention_scores(gm, branches, plan, layout, state)
         cache_branches(gm, branches, plan, layout, state)
+        merge_pruned(gm, branches, plan, layout, state)
     state.finish()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
@@ -87,13 +91,13 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
 
 
 def compile_step_graph(step: StepGraph, mode: str | None) -> Any:
-    """`step`'s graph compiled with inductor: static shapes, except each `ksize.b` input
-    whose length is the branch's token count (one graph for every k >= 2)."""
+    """`step`'s graph compiled with inductor: static shapes, except each `ksize.b` or
+    `prune.b` input whose length is the branch's token count (one graph for every k)."""
     compiled = torch.compile(step.graph_module, backend="inductor", fullgraph=True,
                              dynamic=False, mode=mode)
     dynamic = [(i, node.meta["tocache_max"]) for i, node in enumerate(
         n for n in step.graph_module.graph.nodes if n.op == "placeholder")
-        if str(node.meta.get("tocache_slot", "")).startswith("ksize.")]
+        if str(node.meta.get("tocache_slot", "")).startswith(("ksize.", "prune.", "keep"))]
     if not dynamic:
         return compiled
     marked = {"done": False}

@@ -11,5 +11,7 @@ from .base import Policy, policy_from_dict
 from .duca import DuCa
 from .fora import FORA, NoCache, TaylorSeer
 from .toca import ToCa
+from .token_cache import TokenCache
 
-__all__ = ["Policy", "NoCache", "FORA", "TaylorSeer", "ToCa", "DuCa", "policy_from_dict"]
+__all__ = ["Policy", "NoCache", "FORA", "TaylorSeer", "ToCa", "DuCa", "TokenCache",
+           "policy_from_dict"]

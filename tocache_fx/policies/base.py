@@ -7,7 +7,9 @@ A policy is a small frozen dataclass, validated on construction, round-trippable
   (`tocache_fx.schedule` wraps it into the schedule tensor);
 * `token_selection(grid)` -> how PARTIAL steps pick tokens (scores, staleness, noise);
 * `score_source(branches, branch)` -> which attention's FULL-step map scores a branch;
-* `forecast(rows)` -> per step Taylor terms and distance (forecasting policies only).
+* `forecast(rows)` -> per step Taylor terms and distance (forecasting policies only);
+* `listed_tokens(branches, num_steps)` -> the tokens each PARTIAL step recomputes, for
+  a policy that decides them ahead (TokenCache); `check(model_name, branches)`.
 
 Example:
     >>> policy_from_dict(FORA(interval=2).to_dict())
@@ -98,6 +100,14 @@ class Policy:
         """The attention branch whose FULL-step map scores `branch`, and the score kind
         ("influence", "entropy", "vnorm"); None: no attention score."""
         return None
+
+    def listed_tokens(self, branches: Sequence, num_steps: int) -> dict[tuple[int, int], Any]:
+        """Per (step, branch), the tokens a PARTIAL step recomputes, for a policy that
+        lists them (`TokenSelection.listed`); empty for policies that select them."""
+        return {}
+
+    def check(self, model_name: str, branches: Sequence) -> None:
+        """Raise a clear error if the policy cannot serve this model (default: it can)."""
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:
