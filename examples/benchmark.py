@@ -1,125 +1,206 @@
-"""Compile benchmark: FLOPs and wall-clock of each policy against the compiled uncached model.
+"""Compile and speed benchmark: cold and warm compile, graphs and steady latency of every
+policy against plain `torch.compile` and diffusers' regional compilation.
 
-Random-weight DiT (speed only; quality needs a trained model). Every model is compiled
-with inductor; latency is measured in this process, generations interleaved across
-policies, median of `--repeats`, the first (compiling) generation excluded.
+Random-weight models (speed only; quality needs a trained model): a DiT at DiT-XL/2
+depth (28 blocks) and a FLUX at FLUX.1 depth (19 double + 38 single blocks), narrow
+enough for a CPU (`--width`). Every setting runs in a fresh process with an empty
+inductor cache (cold), then again in a second process on the caches the first left on
+disk (warm); compile time is the first generation minus a steady one. Steady latency is
+the median of `--repeats` generations; speedups are against plain `torch.compile` of
+the same model in the same process, FLOPs speedups from `tocache_fx.explain`.
 
-    python examples/benchmark.py                   # DiT-B/2 size, 256 tokens, 50 steps
-    python examples/benchmark.py --full            # DiT-XL/2 size
-    python examples/benchmark.py --layers 4 --steps 20 --repeats 2   # a quick look
+    python examples/benchmark.py                          # both models, every setting
+    python examples/benchmark.py --model dit --steps 20 --width 128
+    python examples/benchmark.py --model dit --settings plain NoCache FORA   # a subset
+
+On a GPU pass `--dtype bfloat16 --width 1152` (DiT-XL/2) or `--width 3072` (FLUX).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
-from diffusers import DiTTransformer2DModel
 from tabulate import tabulate
 
-import tocache_fx
-from tocache_fx import FORA, DuCa, NoCache, Policy, ToCa
-from tocache_fx.explain import schedule_flops
-
-SIZES = {"B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
-         "XL": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72)}
+SETTINGS = ["plain", "regional", "NoCache", "NoCache (model capture)", "FORA", "TaylorSeer",
+            "ToCa", "DuCa", "TokenCache"]
 
 
-def make_model(size: str, layers: int | None, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
-    config = dict(SIZES[size])
-    if layers:
-        config["num_layers"] = layers
+def make_model(kind: str, width: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(in_channels=4, out_channels=8, sample_size=32, patch_size=2,
-                                  num_embeds_ada_norm=1000, **config)
+    heads = max(1, width // 64)
+    if kind == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        model = DiTTransformer2DModel(num_layers=28, num_attention_heads=heads,
+                                      attention_head_dim=width // heads, in_channels=4,
+                                      out_channels=8, sample_size=32, patch_size=2,
+                                      num_embeds_ada_norm=1000)
+        model._repeated_blocks = ["BasicTransformerBlock"]  # diffusers leaves it empty
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(num_layers=19, num_single_layers=38,
+                                       num_attention_heads=heads, attention_head_dim=width // heads,
+                                       in_channels=16, joint_attention_dim=64,
+                                       pooled_projection_dim=64, axes_dims_rope=(8, 12, 12)
+                                       if width // heads == 32 else (16, 24, 24))
     return model.to(device=device, dtype=dtype).eval()
 
 
-def generate(model: torch.nn.Module, steps: int, batch: int, device: str,
-             dtype: torch.dtype) -> torch.Tensor:
-    """One DDIM-like generation with CFG batched in one call ([cond; uncond])."""
-    generator = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(batch, 4, 32, 32, generator=generator, device=device, dtype=dtype)
-    labels = torch.cat([torch.arange(batch, device=device) % 1000,
-                        torch.full((batch,), 1000, device=device)])
-    for i in range(steps):
-        t = torch.full((2 * batch,), 999 - i * (1000 // steps), device=device)
-        eps = model(hidden_states=torch.cat([latents, latents]), timestep=t,
-                    class_labels=labels, return_dict=False)[0][:, :4]
-        cond, uncond = eps.chunk(2)
-        latents = latents - 0.02 * (uncond + 1.5 * (cond - uncond))
-    return latents
+def make_inputs(kind: str, model, steps: int, device: str, dtype: torch.dtype):
+    """One generation's calls: (kwargs per step), CFG batched (batch 2), 256 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    if kind == "dit":
+        latents = torch.randn(2, 4, 32, 32, generator=generator).to(device, dtype)
+        labels = torch.tensor([3, 1000], device=device)
+        timesteps = torch.linspace(999, 0, steps, device=device).long()
+        return [dict(hidden_states=latents, timestep=t.expand(2), class_labels=labels)
+                for t in timesteps]
+    latents = torch.randn(2, 256, 16, generator=generator).to(device, dtype)
+    text = torch.randn(2, 16, 64, generator=generator).to(device, dtype)
+    pooled = torch.randn(2, 64, generator=generator).to(device, dtype)
+    ids = torch.zeros(256, 3, device=device)
+    ids[:, 1], ids[:, 2] = torch.arange(256) // 16, torch.arange(256) % 16
+    sigmas = torch.linspace(1, 0, steps + 1, device=device)[:-1]
+    return [dict(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                 timestep=s.expand(2).to(dtype), img_ids=ids, txt_ids=torch.zeros(16, 3, device=device))
+            for s in sigmas]
 
 
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def policy_for(name: str, kind: str, steps: int, model):
+    import tocache_fx
+    from tocache_fx import FORA, CachePredictor, DuCa, NoCache, TaylorSeer, ToCa, TokenCache
+
+    if name.startswith("NoCache"):
+        return NoCache()
+    return {
+        "FORA": lambda: FORA(interval=3, num_steps=steps),
+        "TaylorSeer": lambda: TaylorSeer(interval=3, num_steps=steps),
+        "ToCa": lambda: (ToCa.dit_ddim50 if kind == "dit" else ToCa.flux)(num_steps=steps),
+        "DuCa": lambda: DuCa.dit_ddim50(num_steps=steps),
+        "TokenCache": lambda: TokenCache(CachePredictor(28 if kind == "dit" else 57, 256),
+                                         prune_ratio=0.5, num_steps=steps),
+    }[name]()
+
+
+def run_one(args) -> dict:
+    """One setting in this process: compile time, graphs, steady latency, FLOPs."""
+    import tocache_fx
+    from tocache_fx.explain import schedule_flops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    model = make_model(args.model, args.width, dtype, device)
+    calls = make_inputs(args.model, model, args.steps, device, dtype)
+    if args.setting == "plain":
+        runner = torch.compile(model, fullgraph=True, dynamic=False)
+    elif args.setting == "regional":
+        model.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        runner = model
+    else:
+        capture = "model" if "model capture" in args.setting else "auto"
+        runner = tocache_fx.transform(model, policy_for(args.setting, args.model, args.steps,
+                                                        model), capture=capture)
+
+    def generation() -> float:
+        if hasattr(runner, "reset"):
+            runner.reset()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for kwargs in calls:
+                runner(**kwargs)
+        sync()
+        return time.perf_counter() - start
+
+    first = generation()
+    times = [generation() for _ in range(args.repeats)]
+    steady = statistics.median(times)
+    row = {"setting": args.setting, "compile_s": first - steady,
+           "steady_ms_per_step": 1000 * steady / args.steps}
+    if hasattr(runner, "num_compiled_graphs"):
+        row["graphs"] = runner.num_compiled_graphs
+        row["flops_speedup"] = schedule_flops(runner)["speedup"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="DiT-XL/2 size instead of DiT-B/2")
-    parser.add_argument("--layers", type=int, default=None, help="override the depth")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=1, help="images per generation (x2 for CFG)")
+    parser.add_argument("--model", choices=("dit", "flux", "both"), default="both")
+    parser.add_argument("--settings", nargs="*", default=SETTINGS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype)
-    model = make_model("XL" if args.full else "B", args.layers, dtype, device)
-    steps = args.steps
-    policies: dict[str, Policy] = {
-        "NoCache": NoCache(),
-        "FORA(N=3)": FORA(interval=3, num_steps=steps),
-        "ToCa (DiT DDIM-50 defaults)": ToCa(num_steps=steps),
-        "DuCa(N=3, R=95%)": DuCa(interval=3, cache_ratio=0.95, num_steps=steps),
-        "DuCa(N=5, R=90%)": DuCa(interval=5, cache_ratio=0.90, num_steps=steps),
-    }
-    baseline = torch.compile(model, fullgraph=True, dynamic=False)
-    models = {"compiled uncached": baseline}
-    models.update({name: tocache_fx.transform(model, policy) for name, policy in policies.items()})
-    run = {name: (lambda m=m: generate(m, steps, args.batch, device, dtype))
-           for name, m in models.items()}
-    compile_s = {name: timed(fn) for name, fn in run.items()}  # first generation compiles
-    samples: dict[str, list[float]] = {name: [] for name in run}
-    for _ in range(args.repeats):
-        for name, fn in run.items():
-            samples[name].append(timed(fn))
-    latency = {name: statistics.median(values) for name, values in samples.items()}
+    if args.one:
+        print("ROW " + json.dumps(run_one(args)))
+        return
     rows = []
-    base_flops = None
-    for name, m in models.items():
-        if name == "compiled uncached":
-            rows.append([name, "-", "1.00", f"{latency[name]:.3f}", "1.00",
-                         f"{compile_s[name] - latency[name]:.1f}", 1, "0"])
-            continue
-        flops = schedule_flops(m, steps)
-        base_flops = base_flops or flops["uncached_step"] * steps
-        cache_mb = sum(t.numel() * t.element_size()
-                       for g in m._generations.values() for t in g.slots.values()) / 2**20
-        rows.append([name, f"{flops['total'] / 1e12:.3f}", f"{base_flops / flops['total']:.2f}",
-                     f"{latency[name]:.3f}",
-                     f"{latency['compiled uncached'] / latency[name]:.2f}",
-                     f"{compile_s[name] - latency[name]:.1f}", m.num_compiled_graphs,
-                     f"{cache_mb:.1f}"])
-    config = model.config
-    print(f"DiT {config.num_layers} layers, {config.num_attention_heads}x{config.attention_head_dim}, "
-          f"256 tokens, batch {args.batch}x2 (CFG), {steps} steps, {dtype}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(tabulate(rows, headers=["policy", "TFLOPs / gen", "FLOPs speedup", "latency s",
-                                  "latency speedup", "compile s", "graphs", "cache MiB"],
-                   tablefmt="github"))
+    for kind in (("dit", "flux") if args.model == "both" else (args.model,)):
+        for setting in args.settings:
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+                row = {"model": kind}
+                for phase in ("cold", "warm"):
+                    command = [sys.executable, __file__, "--one", "--model", kind, "--setting",
+                               setting, "--steps", str(args.steps), "--width", str(args.width),
+                               "--repeats", str(args.repeats), "--dtype", args.dtype]
+                    if args.threads:
+                        command += ["--threads", str(args.threads)]
+                    done = subprocess.run(command, env=env, capture_output=True, text=True)
+                    line = next((l for l in done.stdout.splitlines() if l.startswith("ROW ")), None)
+                    if line is None:
+                        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+                        break
+                    result = json.loads(line[4:])
+                    row.update({k: v for k, v in result.items() if k != "compile_s"})
+                    row[f"{phase}_s"] = result["compile_s"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(rows, file, indent=2)
+
+
+def table(rows: list[dict]) -> str:
+    body = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        plain = next((r for r in mine if r["setting"] == "plain" and "error" not in r), None)
+        regional = next((r for r in mine if r["setting"] == "regional" and "error" not in r), None)
+        for r in mine:
+            if "error" in r:
+                body.append((model, r["setting"], "-", "-", "-", "-", "-", "-", "-", r["error"]))
+                continue
+            speed = plain["steady_ms_per_step"] / r["steady_ms_per_step"] if plain else float("nan")
+            flops = r.get("flops_speedup", 1.0)
+            body.append((model, r["setting"], f"{r['cold_s']:.1f}",
+                         f"{r['cold_s'] / plain['cold_s']:.2f}" if plain else "-",
+                         f"{r['cold_s'] / regional['cold_s']:.2f}" if regional else "-",
+                         f"{r['warm_s']:.1f}", f"{r['warm_s'] / r['cold_s']:.2f}",
+                         r.get("graphs", 1), f"{r['steady_ms_per_step']:.1f}",
+                         f"{speed:.2f} / {flops:.2f}"))
+    return tabulate(body, headers=["model", "setting", "cold s", "x plain", "x regional",
+                                   "warm s", "warm/cold", "graphs", "ms/step",
+                                   "speedup: latency / FLOPs"], tablefmt="github")
 
 
 if __name__ == "__main__":

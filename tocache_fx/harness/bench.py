@@ -32,9 +32,10 @@ import tocache_fx
 from tocache_fx.explain import schedule_flops
 from tocache_fx.harness.metrics import DigitsJudge, psnr, ssim
 from tocache_fx.harness.peers import FLUX_PEERS, PEERS, build_peer
-from tocache_fx.harness.sampling import (load_dit_digits, load_flux_digits, sample_digits,
+from tocache_fx.harness.sampling import (FLUX_MODEL_DIR, MODEL_DIR, load_dit_digits,
+                                         load_flux_digits, sample_digits,
                                          sample_flux_digits)
-from tocache_fx.policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa
+from tocache_fx.policies import FORA, DuCa, NoCache, Policy, TaylorSeer, ToCa, TokenCache
 
 __all__ = ["Setting", "BenchModel", "MODELS", "settings", "run_bench", "format_rows",
            "dominance", "save"]
@@ -59,36 +60,64 @@ class BenchModel:
     grid: Callable[[int, bool], list[Setting]]
 
 
+def _token_cache(model_dir: Path, steps: int, ratio: float, **options: Any) -> Setting:
+    name = f"TokenCache {ratio:.0%}" + "".join(f" {k}={v}" for k, v in options.items())
+    policy = TokenCache.from_pretrained(model_dir / "token_cache", prune_ratio=ratio,
+                                        num_steps=steps, **options)
+    return Setting(name, policy, steps)
+
+
+def _token_cache_grid(model_dir: Path, steps: int) -> list[Setting]:
+    """Pruning ratios and TPRR settings, and the variants docs/design.md compares."""
+    return [_token_cache(model_dir, steps, ratio) for ratio in (0.3, 0.5, 0.7)] + [
+        _token_cache(model_dir, steps, 0.5, k1=2),
+        _token_cache(model_dir, steps, 0.7, blocks=0.5),
+        *(_token_cache(model_dir, steps, 0.5, attention=a) for a in ("kept", "cached")),
+        *(_token_cache(model_dir, steps, 0.5, cache=c) for c in ("output", "change"))]
+
+
 def _dit_grid(steps: int, quick: bool) -> list[Setting]:
     uncached, ddim20 = Setting("uncached", steps=steps), Setting("DDIM-20", steps=20)
     taylorseer = {n: Setting(f"TaylorSeer N={n}", TaylorSeer(interval=n, num_steps=steps), steps)
                   for n in (2, 3, 4)}
-    toca = Setting("ToCa N=3 R=93%", ToCa(num_steps=steps), steps)
-    duca = Setting("DuCa N=3 R=95%", DuCa(interval=3, cache_ratio=0.95, num_steps=steps), steps)
+    toca = Setting("ToCa DDIM-50 preset (N=3 R=93%)", ToCa.dit_ddim50(num_steps=steps), steps)
+    duca = Setting("DuCa DDIM-50 preset (N=3 R=95%)", DuCa.dit_ddim50(num_steps=steps), steps)
+    token_cache = _token_cache(MODEL_DIR, steps, 0.5)
     if quick:
-        return [uncached, ddim20, taylorseer[3], toca, duca]
+        return [uncached, ddim20, taylorseer[3], toca, duca, token_cache]
     return [
         uncached, ddim20, Setting("DDIM-25", steps=25), Setting("DDIM-17", steps=17),
         Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps),
         Setting("FORA N=3", FORA(interval=3, num_steps=steps), steps),
-        *taylorseer.values(), toca, duca,
-        Setting("ToCa N=4 R=90%", ToCa(interval=4, cache_ratio=0.9, num_steps=steps), steps),
-        Setting("ToCa N=5 R=90% fixed", ToCa(interval=5, cache_ratio=0.9, full_schedule="fixed",
-                                             time_weight=0.0, num_steps=steps), steps),
-        Setting("DuCa N=4 R=95%", DuCa(interval=4, cache_ratio=0.95, num_steps=steps), steps),
-        Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
+        *taylorseer.values(), toca,
+        Setting("ToCa N=4 R=90%", ToCa.dit_ddim50(interval=4, cache_ratio=0.9, num_steps=steps),
+                steps),
+        duca,
+        Setting("DuCa DDIM-50 random", DuCa.dit_ddim50(selection="random", num_steps=steps), steps),
+        Setting("DuCa N=5 R=90%", DuCa.dit_ddim50(interval=5, cache_ratio=0.9, num_steps=steps),
+                steps),
+        *_token_cache_grid(MODEL_DIR, steps),
         *(Setting(name, steps=steps, peer=name) for name in PEERS),
     ]
+
+
+def _flux_duca(steps: int, interval: int, **options: Any) -> DuCa:
+    """DuCa on FLUX (the authors ship no FLUX DuCa): ToCa.flux's terms, a fixed cycle."""
+    base = ToCa.flux()
+    return DuCa(interval=interval, cache_ratio=0.9, full_schedule="fixed", step_clock="countup",
+                time_weight=0.0, depth_weight=base.depth_weight, kind_factors=base.kind_factors,
+                grid_bonus=0.0, num_steps=steps, **options)
 
 
 def _flux_grid(steps: int, quick: bool) -> list[Setting]:
     uncached, euler14 = Setting("uncached", steps=steps), Setting("Euler-14", steps=14)
     fora = Setting("FORA N=2", FORA(interval=2, num_steps=steps), steps)
     taylorseer = Setting("TaylorSeer N=2", TaylorSeer(interval=2, num_steps=steps), steps)
-    toca = Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps)
-    duca = Setting("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps), steps)
+    toca = Setting("ToCa FLUX preset (N=4 R=90%)", ToCa.flux(num_steps=steps), steps)
+    duca = Setting("DuCa N=3 R=90%", _flux_duca(steps, 3), steps)
+    token_cache = _token_cache(FLUX_MODEL_DIR, steps, 0.5)
     if quick:
-        return [uncached, euler14, fora, taylorseer, toca, duca]
+        return [uncached, euler14, fora, taylorseer, toca, duca, token_cache]
     return [
         uncached, Setting("NoCache", NoCache(), steps),  # our compiled graph, nothing cached
         euler14, Setting("Euler-20", steps=20), Setting("Euler-10", steps=10), fora,
@@ -99,12 +128,12 @@ def _flux_grid(steps: int, quick: bool) -> list[Setting]:
                   TaylorSeer(interval=2, warmup=w, num_steps=steps), steps)
           for w in (4, 10, 14, 22)),
         toca,
+        Setting("ToCa N=3 R=90%", ToCa.flux(interval=3, num_steps=steps), steps),
         Setting("ToCa N=2 R=90% warmup 4", ToCa.flux(interval=2, warmup=4, num_steps=steps),
                 steps),
-        Setting("ToCa N=5 R=90%", ToCa.flux(interval=5, num_steps=steps), steps),
-        Setting("DuCa N=2 R=90% warmup 4",
-                DuCa(interval=2, cache_ratio=0.9, warmup=4, num_steps=steps), steps),
-        duca, Setting("DuCa N=5 R=90%", DuCa(interval=5, cache_ratio=0.9, num_steps=steps), steps),
+        Setting("DuCa N=2 R=90% warmup 4", _flux_duca(steps, 2, warmup=4), steps),
+        duca, Setting("DuCa N=5 R=90%", _flux_duca(steps, 5), steps),
+        *_token_cache_grid(FLUX_MODEL_DIR, steps),
         *(Setting(name, steps=steps, peer=name) for name in FLUX_PEERS),
         # cache-dit's default thresholds cache little on this small model: tuned points too
         Setting("cache-dit DBCache threshold 0.16", steps=steps, peer="cache-dit DBCache",
