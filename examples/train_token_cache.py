@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tocache_fx import train_token_cache
+from tocache_fx import CachePredictor, train_token_cache
 from tocache_fx.harness.sampling import (FLUX_MODEL_DIR, MODEL_DIR, load_dit_digits, load_flux_digits,
                                          sample_digits, sample_flux_digits)
 
@@ -38,7 +38,8 @@ def heatmap(predictor, num_steps: int, path: Path) -> None:
     side = math.isqrt(predictor.num_tokens)
     steps = [0, num_steps // 4, num_steps // 2, 3 * num_steps // 4, num_steps - 1]
     blocks = [0, predictor.num_blocks - 1]
-    fig = plt.figure(figsize=(2 + 1.6 * len(steps), 3.2 + 1.6 * len(blocks)))
+    fig = plt.figure(figsize=(2 + 1.6 * len(steps), 3.6 + 1.8 * len(blocks)),
+                     layout="constrained")
     grid = fig.add_gridspec(1 + len(blocks), len(steps), height_ratios=[2] + [1] * len(blocks))
     top = fig.add_subplot(grid[0, :])
     image = top.imshow(weights.mean(dim=2), aspect="auto", cmap="viridis")
@@ -65,10 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune-ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--heatmap-only", action="store_true",
+                        help="redraw importance.png of an already trained predictor")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load, sample, steps, directory = MODELS[args.model]
+    out = args.out or directory / "token_cache"
+    if args.heatmap_only:
+        heatmap(CachePredictor.from_pretrained(out), steps, out / "importance.png")
+        return
     model = load()
 
     def generate(transformer, seed: int):
@@ -78,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
 
     predictor = train_token_cache(model, generate, steps, generations=args.generations,
                                   epochs=args.epochs, prune_ratio=args.prune_ratio)
-    out = args.out or directory / "token_cache"
     predictor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(predictor.info["training"], indent=2))
     heatmap(predictor, steps, out / "importance.png")

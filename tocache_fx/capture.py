@@ -41,10 +41,11 @@ _DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 _SCALAR_READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
 
 
-def call_signature(call: Any) -> tuple:
+def call_signature(call: Any, spec: pytree.TreeSpec | None = None) -> tuple:
     """A hashable key of everything a captured graph is specialised on: the call's
-    structure, the shape/dtype/device of each tensor leaf and every other leaf's value."""
-    leaves, spec = pytree.tree_flatten(call)
+    structure, the shape/dtype/device of each tensor leaf and every other leaf's value
+    (`call` may be given flattened: its leaves and `spec`)."""
+    leaves, spec = (call, spec) if spec is not None else pytree.tree_flatten(call)
     return (str(spec), tuple(
         ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
         else ("const", repr(leaf)) for leaf in leaves))

@@ -83,6 +83,13 @@ class _Step:
     layout: CacheLayout
     coefficients: torch.Tensor | None  # per step forecast coefficients (TaylorSeer)
     listed: dict[tuple[int, int], torch.Tensor]  # (step, branch) -> tokens (TokenCache)
+    locals: dict[int, tuple[CacheLayout, tuple]]  # per site: its layout and the layout's key
+
+    def local(self, site: Site) -> tuple[CacheLayout, tuple]:
+        if site.index not in self.locals:
+            layout = self.layout.local(site.branch_range)
+            self.locals[site.index] = (layout, layout.key())
+        return self.locals[site.index]
 
 
 @dataclass
@@ -93,6 +100,7 @@ class _Plan:
     layout: CacheLayout
     coefficients: torch.Tensor | None
     listed: dict[tuple[int, int], torch.Tensor]
+    locals: dict[int, tuple[CacheLayout, tuple]] = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("tocache_step",
@@ -252,7 +260,7 @@ class CachedTransformer(torch.nn.Module):
         plan = schedule.full_plan() if generation.fresh or generation.uncached \
             else schedule.plan(step)
         current = _Step(self, prepared, generation, step, plan, schedule, planned.layout,
-                        planned.coefficients, planned.listed)
+                        planned.coefficients, planned.listed, planned.locals)
         with torch.no_grad():
             if prepared.mode == "model":
                 result = self._run_site(current, prepared.sites[0], (), call)
@@ -416,13 +424,13 @@ class CachedTransformer(torch.nn.Module):
                 self._model_changed()
                 raise _ModelChanged
             generation.checked.add(site.index)
-        call = (args, kwargs)
-        if current.prepared.mode == "blocks" and call_signature(call) != unit.signature:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if current.prepared.mode == "blocks" and call_signature(leaves, spec) != unit.signature:
             raise CacheStateError(
                 f"{site.path} was called with other arguments than in the first call of this "
                 "signature (shapes, dtypes or constants changed inside the forward)")
         # one layout for every call: a compiled graph is specialised on its inputs' strides
-        inputs = [tensor.contiguous() for tensor in unit.captured.flatten(call)]
+        inputs = [leaves[i].contiguous() for i in unit.captured.tensor_leaves]
         slots = generation.slots.setdefault(site.index, {})
         plan = self._site_plan(current, site)
         if plan[0] == StepKind.AGGRESSIVE and current.prepared.mode == "blocks":
@@ -431,10 +439,9 @@ class CachedTransformer(torch.nn.Module):
             if unit.passthrough is not None:
                 return unit.captured.unflatten([inputs[i] for i in unit.passthrough])
             plan = (int(StepKind.PARTIAL),) + (0,) * len(unit.branches)
-        layout = current.layout if current.prepared.mode == "model" else \
-            current.layout.local(site.branch_range)
-        step_graph, run = self._step_graph(unit, plan_shape(plan, [b.num_tokens for b in unit.branches]),
-                                           layout)
+        layout, key = current.local(site) if current.prepared.mode == "blocks" else \
+            (current.layout, current.layout.key())
+        step_graph, run = self._step_graph(unit, plan_shape(plan, unit.tokens), layout, key)
         for name in step_graph.writes:  # overwritten: release before the step runs
             if name not in step_graph.reads:
                 slots.pop(name, None)
@@ -493,8 +500,9 @@ class CachedTransformer(torch.nn.Module):
             carrier = self._carriers[(device, name)] = torch.empty(max(k, 256), device=device)
         return carrier[:k]
 
-    def _step_graph(self, unit, plan: Plan, layout: CacheLayout) -> tuple[StepGraph, Any]:
-        key = (plan, layout.key())
+    def _step_graph(self, unit, plan: Plan, layout: CacheLayout,
+                    layout_key: tuple) -> tuple[StepGraph, Any]:
+        key = (plan, layout_key)
         if key not in unit.step_graphs:
             unit.step_graphs[key] = build_step_graph(unit.captured.graph_module, unit.branches,
                                                      plan, layout)

@@ -56,6 +56,11 @@ class Unit:
     step_graphs: dict[tuple, Any] = field(default_factory=dict)
     compiled: dict[tuple, Any] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> list[int]:
+        """Each branch's token count."""
+        return [branch.num_tokens for branch in self.branches]
+
 
 @dataclass(eq=False)
 class Site:
