@@ -7,7 +7,8 @@ entropy per query token) or "vnorm" (DuCa, value norms), over the tokens
 `start:start + length` of the attention's sequence (one stream of a joint attention).
 Ensures: next to each such attention op, a node computes the score from the op's own
 Q/K/V inputs in chunks of queries (attention itself stays on SDPA) and is written to
-slot `score_slot(key)`. Only FULL plans are touched.
+slot `score_slot(key)` wherever the attention runs in full (FULL steps, and a
+per-kind cycle's FULL branches inside a PARTIAL step, as the authors refresh their maps).
 
 Example:
     >>> attention_scores(gm, branches, full_plan, layout, state)   # doctest: +SKIP
@@ -33,12 +34,15 @@ __all__ = ["attention_scores", "score_slot"]
 def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[int, ...],
                      layout: CacheLayout, state: GraphState) -> bool:
     """Insert the score computations of a FULL step (see module doc)."""
-    if plan[0] != StepKind.FULL or not layout.scores:
+    if plan[0] == StepKind.AGGRESSIVE or not layout.scores:
         return False
     by_name = {node.name: node for node in gm.graph.nodes}
     chunk = layout.selection.query_chunk
+    written = False
     for source, kind in layout.scores.items():
         index, start, length = source
+        if plan[1 + index] != branches[index].num_tokens:
+            continue  # the attention is not computed in full at this step
         attention = by_name[branches[index].attention.name]
         query, key, value = attention.args[:3]
         mask = attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")
@@ -56,7 +60,8 @@ def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[in
                 score = gm.graph.call_function(ops.value_norm_score, (value, span))
         score.meta["tocache"] = f"score:{index}"
         state.write(score_slot(source), score)
-    return True
+        written = True
+    return written
 
 
 def score_slot(source: tuple[int, int, int]) -> str:

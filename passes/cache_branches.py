@@ -215,7 +215,8 @@ def _prune(gm: GraphModule, branch: Branch, by_name: dict[str, Node], layout: Ca
     a dynamic size): TokenCache's pruned block. A self-attention branch runs for those
     queries over the keys and values of all tokens of the current stream
     (`listed_attention` "all"), of the listed ones only ("kept"), or of the listed ones
-    with the others' from the last FULL step ("cached", slots `kv.b.<i>`)."""
+    with the others' last computed ones ("cached", slots `kv.b.<i>`: written at FULL
+    steps, updated with the listed tokens' at every P-step)."""
     example = max(2, min(branch.num_tokens - 1, branch.num_tokens // 2))
     listed = state.read(f"prune.{branch.index}",
                         torch.empty(example, dtype=torch.int64, device="meta"))
@@ -242,7 +243,7 @@ def _prune(gm: GraphModule, branch: Branch, by_name: dict[str, Node], layout: Ca
 
 def _cached_keys_values(gm: GraphModule, branch: Branch, idx: Node, state: GraphState) -> None:
     """The recomputed attention reads the listed tokens' fresh keys and values and the
-    others' from the last FULL step."""
+    others' last computed ones."""
     clones = [n for n in gm.graph.nodes if n.meta.get("tocache") == f"compute:{branch.index}"
               and n.target is torch.ops.aten.scaled_dot_product_attention.default]
     originals = [n for n in branch.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]

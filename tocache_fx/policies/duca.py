@@ -85,7 +85,7 @@ class DuCa(ToCa):
         """OpenSora rflow-30: steps 0-2 FULL, then the authors' 6-step pattern per kind
         (aggressive at steps 2 and 5 of it), MLPs recompute 14.95%, V-norm selection."""
         base = ToCa.opensora()
-        return cls(**{"interval": 6, "cache_ratio": 0.9, "full_schedule": "opensora",
+        return cls(**{"interval": 3, "cache_ratio": 0.9, "full_schedule": "opensora",
                       "step_clock": "countup", "time_weight": 0.0, "depth_weight": 0.0,
                       "kind_factors": base.kind_factors, "selection": "vnorm",
                       "grid_bonus": 0.0, **overrides})

@@ -24,8 +24,9 @@ class NoCache(Policy):
 class FORA(Policy):
     """FULL every `interval` steps, every attention and MLP branch reused in between:
     the FORA paper's rule, FULL at steps 0, N, 2N, ... (the ToCa repository's FORA mode
-    is FULL at 0, 1, 1 + N, ...: `FORA(N, warmup=1)`). The first `warmup` steps all run
-    FULL and the cycle starts after them.
+    counts its steps down, FULL where `(T - 1 - s) % N == 0` and at s = 0: that is
+    `ToCa(interval=N, cache_ratio=1.0)`). The first `warmup` steps all run FULL and the
+    cycle starts after them.
 
     Example:
         >>> FORA(interval=3)

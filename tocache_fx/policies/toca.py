@@ -6,7 +6,7 @@ Everything here follows the authors' public code for each model (docs/methods.md
   - "dit": the authors count steps down, `i = T - 1 - s`. The first step is FULL and
     so is every step with `i % n == 0`, where `n` starts at `interval` and is
     recomputed at each FULL step as `round(interval / (1.4 - 0.8 i / T))`, forced to 2
-    while `0.2 T <= i < 0.4 T` (60-80% of the way through denoising);
+    while `int(0.2 T) <= i < int(0.4 T)` (60-80% of the way through denoising);
   - "pixart": counting up (`i = s`), `n = round(interval / (0.8 + 0.4 i / T))`;
   - "flux": steps 0-2 FULL, then every `interval`;
   - "opensora": steps 0-2 FULL, then each branch kind on its own absolute cycle
@@ -213,7 +213,7 @@ class ToCa(Policy):
         """OpenSora rflow-30: steps 0-2 FULL, then cycles attention 3, cross-attention 6,
         MLP 3; MLPs recompute 14.95% (r0 = 0.1, f_M 1.495), cross-attention is reused
         until its cycle (f_M clips to 0); s2 + s3, CFG halves shared, no grid bonus."""
-        return cls(**{"interval": 6, "cache_ratio": 0.9, "full_schedule": "opensora",
+        return cls(**{"interval": 3, "cache_ratio": 0.9, "full_schedule": "opensora",
                       "step_clock": "countup", "time_weight": 0.0, "depth_weight": 0.0,
                       "kind_factors": (("mlp", 1.495), ("attention_mlp", 1.495),
                                        ("cross_attention", 0.0), ("self_attention", 0.0)),
@@ -268,7 +268,7 @@ class ToCa(Policy):
 
     def plan_steps(self, branches: Sequence, num_steps: int) -> list[Plan]:
         kinds = self.step_kinds(num_steps)
-        if self.full_schedule == "opensora":
+        if self.full_schedule == "opensora" and self.interval > 1:
             kinds = [FULL if s < 3 or all(self._due(b, s) for b in branches) else PARTIAL
                      for s in range(num_steps)]
         depths = stack_depths(branches)

@@ -14,7 +14,7 @@ Two-Phase Round-Robin decides when.
   finds least important on average; `block_ratios` gives each block its own ratio.
 
 Example:
-    >>> policy = TokenCache("tocache_fx/models/dit-digits/token_cache", prune_ratio=0.5)  # doctest: +SKIP
+    >>> policy = TokenCache.from_pretrained(MODEL_DIR / "token_cache", prune_ratio=0.5)  # doctest: +SKIP
     >>> pipe = tocache_fx.transform(pipe, policy)
 """
 
@@ -52,7 +52,7 @@ class TokenCache(Policy):
     block instead), `grid` (cell size of grid-level pruning; 1: rank all tokens),
     `attention` (the kept queries attend to the keys and values of "all" tokens,
     recomputed from the current stream, of the "kept" ones only, or of the kept ones
-    with the pruned ones' "cached" at the last I-step; a joint text+image attention
+    with the pruned ones' last computed ("cached"); a joint text+image attention
     always uses "all"), `cache` (what a pruned token takes: each branch's cached value
     under the current gate, "branches"; the block's cached "output"; or the current
     input plus the block's cached "change"). docs/design.md has the measurements
@@ -152,7 +152,8 @@ class TokenCache(Policy):
         grid = self.grid if side * side == num_tokens and side % self.grid == 0 else 1
         table = []
         for block, ratio in enumerate(self.ratios(num_blocks)):
-            # at least 2 tokens kept: a P-step graph's token count is a dynamic size >= 2
+            # tokens kept in every cell (grid), or at least 2 (no grid): a P-step graph's
+            # token count is a dynamic size >= 2
             pruned = min(round(ratio * grid * grid), grid * grid - (2 if grid == 1 else 1))
             if grid == 1:
                 pruned = min(round(ratio * num_tokens), num_tokens - 2)
