@@ -60,7 +60,7 @@ def test_per_token_side_input_is_recorded_for_gathering():
     (branch,) = branches_of(PositionalMLP(), {"hidden_states": torch.randn(2, 4, 8)})
     assert branch.kind == "mlp" and branch.partial_ok
     assert [(node.name, where) for node, where in branch.side_inputs.items()] == [
-        ("p_pos", (1, 3))]  # the parameter (a graph input), tokens on axis 1 of a rank-3 op
+        ("p_pos", (1, 3, 0))]  # the parameter (a graph input), tokens on axis 1 of a rank-3 op
 
 
 class JointMLP(torch.nn.Module):
