@@ -265,25 +265,52 @@ def _mark_attention_mlp(branch: Branch) -> None:
     tokens. A plain attention branch (only the output projection after the attention)
     stays reused whole."""
     branch.partial_reason = "self-attention (never partial, as in ToCa)"
-    attention = branch.attention
-    if attention is None:
+    if branch.attention is None:
         return
-    live = _live_nodes(branch, attention)
-    heavy = [n for n in live if n.target in _HEAVY_OPS and n is not attention]
-    out, skip = _tensor_shape(attention), _tensor_shape(branch.skip)
-    if len(heavy) < 2 or out is None or (out[0], out[-2]) != skip[:2]:
+    found = _reused_attention_value(branch)
+    if found is None:
         return
+    reused, axis, live = found
     side: dict[Node, tuple[int, int, int]] = {}
     try:
-        axes = token_axes(live, branch.skip, axis=1, cached={attention: len(out) - 2},
-                          side_inputs=side)
+        axes = token_axes(live, branch.skip, axis=1, cached={reused: axis}, side_inputs=side)
     except NotTokenWise as error:
         branch.partial_reason = f"attention with a parallel MLP, but {error}"
         return
     if axes.get(branch.output) != 1:
         return
     branch.kind, branch.partial_reason = "attention_mlp", None
-    branch.token_axes, branch.reused_attention, branch.side_inputs = axes, attention, side
+    branch.token_axes, branch.reused_attention, branch.side_inputs = axes, reused, side
+
+
+def _is_collective(node: Node) -> bool:
+    return "_c10d_functional" in str(node.target)
+
+
+def _reused_attention_value(branch: Branch) -> tuple[Node, int, list[Node]] | None:
+    """The value an attention+MLP branch reuses at PARTIAL steps, its token axis, and the
+    live nodes behind it: the attention op's output ([batch, heads, tokens, dim] with the
+    branch's tokens), or, where the attention sees other tokens than the branch (context
+    parallelism: Ulysses' all-to-all trades the sequence shard for a head shard, Ring
+    merges per-chunk outputs), the first later value with the branch's [batch, tokens]
+    layout that cuts every attention op and collective off the output. None if the
+    branch has no second heavy op (a plain attention branch)."""
+    attention, skip = branch.attention, _tensor_shape(branch.skip)
+    cut_off = {n for n in branch.nodes if n.target in ATTENTION_OPS or _is_collective(n)}
+    out = _tensor_shape(attention)
+    if out is not None and (out[0], out[-2]) == skip[:2] and len(cut_off) == 1:
+        candidates = [(attention, len(out) - 2)]
+    else:
+        last = max(branch.nodes.index(n) for n in cut_off)
+        candidates = [(n, 1) for n in branch.nodes[last + 1:]
+                      if len(_tensor_shape(n) or ()) >= 3 and _tensor_shape(n)[:2] == skip[:2]]
+    for reused, axis in candidates:
+        live = _live_nodes(branch, reused)
+        if any(n in cut_off for n in live if n is not reused):
+            continue
+        heavy = [n for n in live if n.target in _HEAVY_OPS and n is not reused]
+        return (reused, axis, live) if len(heavy) >= 2 else None
+    return None
 
 
 def _mark_query_path(branch: Branch) -> None:

@@ -51,6 +51,20 @@ __all__ = ["CachedTransformer", "DEFAULT_NUM_STEPS"]
 DEFAULT_NUM_STEPS = 50
 
 
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` contiguous with the canonical strides, size-1 dims included (a batch-1
+    slice `x[:, 8:]` is contiguous with another batch stride, which a compiled graph's
+    guards would recompile for)."""
+    tensor = tensor.contiguous()
+    canonical, step = [], 1
+    for size in reversed(tensor.shape):
+        canonical.insert(0, step)
+        step *= max(size, 1)
+    if tensor.stride() != tuple(canonical):
+        tensor = tensor.as_strided(tensor.shape, canonical)
+    return tensor
+
+
 class _ModelChanged(Exception):
     """A block's fingerprint changed since its capture: prepare again and rerun."""
 
@@ -430,7 +444,7 @@ class CachedTransformer(torch.nn.Module):
                 f"{site.path} was called with other arguments than in the first call of this "
                 "signature (shapes, dtypes or constants changed inside the forward)")
         # one layout for every call: a compiled graph is specialised on its inputs' strides
-        inputs = [leaves[i].contiguous() for i in unit.captured.tensor_leaves]
+        inputs = [_dense(leaves[i]) for i in unit.captured.tensor_leaves]
         slots = generation.slots.setdefault(site.index, {})
         plan = self._site_plan(current, site)
         if plan[0] == StepKind.AGGRESSIVE and current.prepared.mode == "blocks":

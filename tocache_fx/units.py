@@ -177,20 +177,20 @@ class _Call:
 
 def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], args: tuple,
            kwargs: dict[str, Any]) -> list[_Call]:
-    """Run the model once and record every block call (keys, and arguments per new key)."""
-    calls: list[_Call] = []
-    seen: set[tuple] = set()
-    fingerprints: dict[int, tuple] = {}
+    """Run the model once and record every block call (keys, and arguments per new key).
+    Fingerprints are taken after the run: hooks that fill state lazily at their first call
+    (diffusers' context-parallel split hooks cache argument indices) are seen filled, as
+    every later call sees them."""
+    recorded: list[tuple[str, torch.nn.Module, tuple, tuple, dict]] = []
+    first: set[tuple] = set()
 
     def recorder(path: str):
         def hook(module: torch.nn.Module, call_args: tuple, call_kwargs: dict) -> None:
-            if id(module) not in fingerprints:
-                fingerprints[id(module)] = fingerprint(module)
-            key = (type(module), fingerprints[id(module)], call_signature((call_args, call_kwargs)))
-            new = key not in seen
-            seen.add(key)
-            calls.append(_Call(path, module, key, call_args if new else None,
-                               call_kwargs if new else None))
+            signature = call_signature((call_args, call_kwargs))
+            new = (id(module), signature) not in first
+            first.add((id(module), signature))
+            recorded.append((path, module, signature, call_args if new else None,
+                             call_kwargs if new else None))
         hook._tocache_probe = True
         return hook
 
@@ -202,6 +202,15 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
     finally:
         for handle in handles:
             handle.remove()
+    fingerprints = {id(module): fingerprint(module) for _, module in blocks}
+    calls: list[_Call] = []
+    seen: set[tuple] = set()
+    for path, module, signature, call_args, call_kwargs in recorded:
+        key = (type(module), fingerprints[id(module)], signature)
+        new = key not in seen and call_args is not None
+        seen.add(key)
+        calls.append(_Call(path, module, key, call_args if new else None,
+                           call_kwargs if new else None))
     return calls, counter.get_total_flops()
 
 

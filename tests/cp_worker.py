@@ -1,0 +1,374 @@
+"""The worker of `tests/test_context_parallel.py`: one rank of a CPU / gloo context-parallel run.
+
+`run(rank, world, port, out_dir, jobs)` is started by `torch.multiprocessing.start_processes`
+(importable: spawned children unpickle it by name). Every rank builds the same tiny models
+(FLUX: 2 double + 2 single blocks, width 32, 64 image + 8 text tokens; Wan: 2 blocks, 32
+tokens), computes the single-process references of each model family once (the policies
+split between the ranks, then exchanged), then runs each job under diffusers' context
+parallelism and writes what it measured to `out_dir/rank<r>.json`; the test asserts on it. A
+job that raises records its traceback instead, so one failure does not hide the other checks.
+
+Jobs are named `<family>/<mode>-<order>[:<policy>]`: family "flux" or "wan", mode "ulysses"
+or "ring", order "enable_first" (`enable_parallelism`, then `tocache_fx.transform`) or
+"transform_first" (the other way round, on the transformed model); every policy of the
+family's `policies()` (captures shared by `with_policy`), or only `:<policy>`.
+"flux/ulysses-compiled" runs FORA compiled with inductor over two generations with
+`torch._dynamo.config.error_on_recompile=True` (on the same FLUX without single-stream
+blocks: see the job); "flux/ulysses-after_generation" runs a generation in one process, then
+enables Ulysses on the transformed model and runs again.
+
+`python tests/cp_worker.py JOB ...` runs jobs on 2 ranks by hand and prints rank 0's results.
+
+Two workarounds for a machine without accelerators:
+* `torch.accelerator.device_count()` is 0 there, and diffusers' `_resolve_parallel_config`
+  computes `rank % device_count()`: it is patched to return 1.
+* Ring attention needs the log-sum-exp of each partial attention; diffusers' `native` backend
+  raises "Native attention does not support return_lse=True" and its LSE-capable backends have
+  no CPU kernels, so `_native_attention_forward_op` answers `return_lse=True` with
+  `aten._scaled_dot_product_flash_attention_for_cpu` (forward only).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+STEPS = 8
+N_IMG, N_TXT = 64, 8  # tokens: divisible by 2 (and 4) ranks
+CAPTURES = [0]  # calls of tocache_fx.runtime.prepare (see `run`)
+
+
+def patch_for_cpu() -> None:
+    """The two CPU workarounds of the module docstring (idempotent)."""
+    import torch
+    from diffusers.models import attention_dispatch as dispatch
+
+    torch.accelerator.device_count = lambda: 1
+    original = dispatch._native_attention_forward_op
+    if getattr(original, "_tocache_lse", False):
+        return
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                   scale=None, enable_gqa=False, return_lse=False, _save_ctx=True,
+                   _parallel_config=None):
+        if not return_lse:
+            return original(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                            enable_gqa, return_lse, _save_ctx=_save_ctx,
+                            _parallel_config=_parallel_config)
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # [B, H, S, D]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, S, H, D], [B, S, H]
+
+    forward_op._tocache_lse = True
+    dispatch._native_attention_forward_op = forward_op
+
+
+def flux_model(single_layers: int = 2):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6)).eval()
+
+
+def flux_inputs() -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    side = int(math.isqrt(N_IMG))
+    img_ids = torch.zeros(N_IMG, 3)
+    img_ids[:, 1] = torch.arange(N_IMG) // side
+    img_ids[:, 2] = torch.arange(N_IMG) % side
+    return dict(hidden_states=torch.randn(1, N_IMG, 4, generator=generator),
+                encoder_hidden_states=torch.randn(1, N_TXT, 32, generator=generator),
+                pooled_projections=torch.randn(1, 32, generator=generator),
+                img_ids=img_ids, txt_ids=torch.zeros(N_TXT, 3))
+
+
+def euler(model, inputs: dict[str, Any], steps: int = STEPS):
+    """Rectified-flow Euler from sigma 1 to 0; a fresh timestep tensor per step."""
+    import torch
+
+    x = inputs["hidden_states"].clone()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            call = {**inputs, "hidden_states": x}
+            v = model(**call, timestep=torch.tensor([float(sigmas[i])]), return_dict=False)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def policies() -> dict[str, Any]:
+    from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
+
+    return {"nocache": NoCache(), "fora": FORA(interval=2, num_steps=STEPS),
+            "taylorseer": TaylorSeer(interval=2, warmup=2, num_steps=STEPS),
+            "toca": ToCa.flux(num_steps=STEPS),
+            "duca": DuCa(interval=3, cache_ratio=0.9, num_steps=STEPS)}
+
+
+def wan_model():
+    """Tiny Wan 2.1-like video DiT: 2 blocks, 2 heads x 12; a 1x4x2x8x8 latent is 32 tokens."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def wan_inputs() -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=generator),
+                encoder_hidden_states=torch.randn(1, 12, 16, generator=generator))
+
+
+def wan_euler(model, inputs: dict[str, Any], steps: int = STEPS):
+    """Flow-matching Euler with integer timesteps 999 -> 0 (fresh tensors), as Wan's."""
+    import torch
+
+    x = inputs["hidden_states"].clone()
+    timesteps = torch.linspace(999, 0, steps + 1).round()
+    with torch.no_grad():
+        for i in range(steps):
+            call = {**inputs, "hidden_states": x}
+            t = torch.tensor([int(timesteps[i])])
+            v = model(**call, timestep=t, return_dict=False)[0]
+            x = x + float(timesteps[i + 1] - timesteps[i]) / 1000 * v
+    return x
+
+
+def wan_policies() -> dict[str, Any]:
+    from tocache_fx import ToCa
+
+    return {**policies(), "toca": ToCa(interval=3, cache_ratio=0.7, num_steps=STEPS)}
+
+
+FAMILIES = {"flux": (flux_model, flux_inputs, euler, policies),
+            "wan": (wan_model, wan_inputs, wan_euler, wan_policies)}
+
+
+def cp_config(mode: str, world: int):
+    from diffusers import ContextParallelConfig
+
+    return ContextParallelConfig(**{f"{mode}_degree": world})
+
+
+def _max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _psnr(out, ref) -> float:
+    """PSNR of `out` against `ref`, peak = ref's range."""
+    mse = float(((out.float() - ref.float()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return 99.0 if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def _collectives(graph_module) -> int:
+    return sum("_c10d_functional" in str(node.target) for node in graph_module.graph.nodes)
+
+
+def _describe(cached) -> dict[str, Any]:
+    """What a cached model captured and ran: branches (kind, tokens, PARTIAL-able), the step
+    kinds of its last generation, and the collectives in its non-FULL step graphs."""
+    prepared = cached.last_prepared()
+    generation = next(iter(cached._generations.values()))
+    reuse_collectives = sum(_collectives(graph.graph_module) for unit in prepared.units
+                            for key, graph in unit.step_graphs.items() if key[0][0] != 0)
+    return {"branches": [(b.kind, b.num_tokens, b.partial_ok) for b in prepared.branches],
+            "kinds": [int(kind) for kind in generation.kinds],
+            "reuse_collectives": reuse_collectives}
+
+
+def _record(output, reference, single) -> dict[str, Any]:
+    import torch
+
+    return {"finite": bool(torch.isfinite(output).all()),
+            "vs_original": _max_diff(output, reference),
+            "psnr_vs_original": _psnr(output, reference),
+            "vs_single": None if single is None else _max_diff(output, single)}
+
+
+def run(rank: int, world: int, port: int, out_dir: str, jobs: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    start = time.perf_counter()
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1  # no compile worker pool on 2 shared cores
+    patch_for_cpu()
+    import tocache_fx
+    import tocache_fx.runtime
+
+    prepare = tocache_fx.runtime.prepare
+
+    def counted(*args, **kwargs):  # how many times a call signature is captured
+        CAPTURES[0] += 1
+        return prepare(*args, **kwargs)
+
+    tocache_fx.runtime.prepare = counted
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+    results: dict[str, Any] = {"timings": {"start": time.perf_counter() - start}}
+    try:
+        families: dict[str, tuple] = {}
+        results["single"] = {}
+        for job in jobs:
+            family, _, task = job.rpartition("/")
+            family = family or "flux"
+            if family not in families:
+                began = time.perf_counter()
+                families[family] = _references(family, rank, world)
+                results["single"][family] = {name: _record(out, families[family][2], None)
+                                             for name, out in families[family][3].items()}
+                results["timings"][f"{family}/single"] = time.perf_counter() - began
+            began = time.perf_counter()
+            try:
+                results[job] = _job(task, family, *families[family], world)
+            except Exception:  # noqa: BLE001 - reported to the test
+                results[job] = {"error": traceback.format_exc()}
+            results["timings"][job] = time.perf_counter() - began
+            dist.barrier()
+    except Exception:  # noqa: BLE001
+        results["error"] = traceback.format_exc()
+    finally:
+        results["timings"]["total"] = time.perf_counter() - start
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        dist.destroy_process_group()
+
+
+def _references(family: str, rank: int, world: int) -> tuple:
+    """(model, inputs, uncached output, {policy: one-process output}) of a model family; the
+    one-process runs are split between the ranks, then exchanged."""
+    import torch
+    import torch.distributed as dist
+
+    import tocache_fx
+
+    build, make_inputs, sample, family_policies = FAMILIES[family]
+    model, inputs = build(), make_inputs()
+    reference = sample(model, inputs)
+    single: dict[str, Any] = {}
+    base = tocache_fx.transform(model, family_policies()["nocache"], compile=False)
+    for i, (name, policy) in enumerate(family_policies().items()):
+        if i % world == rank:
+            single[name] = sample(base.with_policy(policy), inputs)
+    shared: list[dict] = [None] * world
+    dist.all_gather_object(shared, {name: out.tolist() for name, out in single.items()})
+    single = {name: torch.tensor(out) for part in shared for name, out in part.items()}
+    return model, inputs, reference, single
+
+
+def _job(job: str, family: str, model, inputs, reference, single, world: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    import tocache_fx
+
+    _, _, euler, policies = FAMILIES[family]
+    name, _, only = job.partition(":")
+    mode, _, order = name.partition("-")
+    chosen = {k: v for k, v in policies().items() if not only or k == only}
+    copy_ = copy.deepcopy(model)
+    out: dict[str, Any] = {}
+    if order == "compiled":  # FORA compiled with inductor, two generations, no recompiles
+        # On FLUX without single-stream blocks: inductor compiles one FULL graph per block
+        # class, ~25 s each on a cold cache on 2 busy cores.
+        model = flux_model(single_layers=0)
+        copy_ = copy.deepcopy(model)
+        fora = policies()["fora"]
+        eager = euler(tocache_fx.transform(model, fora, compile=False), inputs)
+        reference = euler(model, inputs)
+        copy_.enable_parallelism(config=cp_config(mode, world))
+        cached = tocache_fx.transform(copy_, fora)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            first = euler(cached, inputs)
+            graphs = cached.num_compiled_graphs
+            second = euler(cached, inputs)
+        out["fora"] = {**_record(first, reference, eager), **_describe(cached),
+                       "graphs": graphs, "graphs_after_second": cached.num_compiled_graphs,
+                       "repeat": _max_diff(first, second)}
+        return out
+    if order == "after_generation":  # one-process generation, then enable_parallelism
+        cached = tocache_fx.transform(copy_, policies()["fora"], compile=False)
+        before = euler(cached, inputs)
+        tokens_before = [b.num_tokens for b in cached.last_prepared().branches]
+        cached.enable_parallelism(config=cp_config(mode, world))
+        after = euler(cached, inputs)
+        out["fora"] = {**_record(after, reference, single["fora"]), **_describe(cached),
+                       "before_vs_single": _max_diff(before, single["fora"]),
+                       "tokens_before": tokens_before}
+        return out
+    if order == "enable_first":
+        copy_.enable_parallelism(config=cp_config(mode, world))
+        base = tocache_fx.transform(copy_, policies()["nocache"], compile=False)
+    elif order == "transform_first":
+        base = tocache_fx.transform(copy_, policies()["nocache"], compile=False)
+        base.enable_parallelism(config=cp_config(mode, world))  # forwarded to the model
+    else:
+        raise ValueError(f"unknown job {job!r}")
+    for policy_name, policy in chosen.items():
+        began, captures = time.perf_counter(), CAPTURES[0]
+        cached = base if policy_name == "nocache" else base.with_policy(policy)
+        output = euler(cached, inputs)
+        seconds = time.perf_counter() - began
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, output)
+        out[policy_name] = {**_record(output, reference, single[policy_name]),
+                            **_describe(cached),
+                            "ranks_agree": all(torch.equal(g, output) for g in gathered),
+                            "seconds": seconds, "captures": CAPTURES[0] - captures}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tests/cp_worker.py JOB ...`: run jobs on 2 ranks and print rank 0's results."""
+    import socket
+    import sys
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    jobs = (argv if argv is not None else sys.argv[1:]) or ["ulysses-enable_first"]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(run, args=(2, port, out_dir, jobs), nprocs=2, start_method="spawn")
+        for rank in range(2):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                print(f"rank {rank}:", f.read() if rank == 0 else json.load(f)["timings"])
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cp_worker  # the spawned children unpickle `cp_worker.run`, not `__main__.run`
+
+    raise SystemExit(cp_worker.main())
