@@ -131,3 +131,19 @@ def test_a_predictor_for_another_model_or_resolution_is_refused(trained):
     deeper = tocache_fx.transform(make_dit(4), TokenCache(trained, num_steps=4), compile=False)
     with pytest.raises(ValueError, match="3 blocks, the model 4"):
         deeper(**dit_inputs(torch.randn(2, 4, 8, 8), 500))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_counted_flops_match_a_run(dit, ratio):
+    """`explain`'s FLOP count of a TokenCache schedule equals FlopCounterMode around a
+    real (eager) generation, at every pruning ratio (the listed token counts are sizes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tocache_fx.explain import schedule_flops
+
+    cached = tocache_fx.transform(dit, TokenCache(CachePredictor(3, 16), prune_ratio=ratio,
+                                                  k1=2, k2=2, num_steps=STEPS), compile=False)
+    denoise(cached, dit_inputs, STEPS)  # captures
+    with FlopCounterMode(display=False) as counter:
+        denoise(cached, dit_inputs, STEPS)
+    assert schedule_flops(cached, STEPS)["total"] == counter.get_total_flops()

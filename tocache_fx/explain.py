@@ -32,7 +32,7 @@ __all__ = ["explain", "step_flops", "schedule_flops", "graph_count"]
 def step_flops(step_graph: StepGraph, by_op: bool = False,
                sizes: dict[str, int] | None = None) -> int | dict:
     """FLOPs of one run of a step graph on fake tensors; `sizes` sets the length of the
-    `ksize.b` inputs (dynamic token counts)."""
+    1-D inputs named there (`ksize.b`, `prune.b`: the dynamic token counts)."""
     gm = step_graph.graph_module
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = fake_inputs(gm, mode)
@@ -41,7 +41,8 @@ def step_flops(step_graph: StepGraph, by_op: bool = False,
         for i, node in enumerate(placeholders):
             slot = node.meta.get("tocache_slot", "")
             if sizes and slot in sizes:
-                inputs[i] = torch.empty(sizes[slot], device=inputs[i].device)
+                inputs[i] = torch.empty(sizes[slot], dtype=inputs[i].dtype,
+                                        device=inputs[i].device)
     with mode, FlopCounterMode(display=False) as counter:
         gm(*inputs)
     return dict(counter.get_flop_counts()["Global"]) if by_op else counter.get_total_flops()
@@ -61,9 +62,11 @@ class _Counter:
             graph = unit.step_graphs.get((shape, layout.key())) or build_step_graph(
                 unit.captured.graph_module, unit.branches, shape, layout)
             dynamic = [i for i, k in enumerate(shape[1:]) if k == DYNAMIC]
-            base_sizes = {f"ksize.{i}": 2 for i in dynamic}
-            base = step_flops(graph, sizes=base_sizes)
-            slopes = {i: step_flops(graph, sizes={**base_sizes, f"ksize.{i}": 3}) - base
+            def sizes(k: dict[int, int]) -> dict[str, int]:  # k tokens: ToCa's or listed
+                return {f"{name}.{i}": k.get(i, 2) for i in dynamic for name in ("ksize", "prune")}
+
+            base = step_flops(graph, sizes=sizes({}))
+            slopes = {i: step_flops(graph, sizes=sizes({i: 3})) - base
                       for i in dynamic if tokens[i] > 2}
             self._linear[key] = (base, slopes)
         base, slopes = self._linear[key]  # k = 1 runs as 2 tokens, and is counted so
