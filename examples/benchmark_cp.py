@@ -75,40 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def patch_for_cpu() -> None:
-    """Two workarounds diffusers 0.42 needs on a machine without accelerators:
-    `_resolve_parallel_config` computes `rank % torch.accelerator.device_count()` (0 there),
-    and Ring attention needs a log-sum-exp the CPU's `native` backend does not return
-    ("Native attention does not support return_lse=True"): served here by
-    `aten._scaled_dot_product_flash_attention_for_cpu` (forward only)."""
-    from diffusers.models import attention_dispatch as dispatch
-
-    torch.accelerator.device_count = lambda: 1
-    original = dispatch._native_attention_forward_op
-
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                   scale=None, enable_gqa=False, return_lse=False, _save_ctx=True,
-                   _parallel_config=None):
-        if not return_lse:
-            return original(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                            enable_gqa, return_lse, _save_ctx=_save_ctx,
-                            _parallel_config=_parallel_config)
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)
-
-    dispatch._native_attention_forward_op = forward_op
-
-
 def build_model(args, device, dtype):
     from diffusers import FluxTransformer2DModel
 
     if args.model == "flux-digits":
-        try:
-            from tocache_fx.harness.sampling import load_flux_digits
-        except ImportError:  # older layout
-            from tocache_fx.sampling import load_flux_digits
+        from tocache_fx.harness.sampling import load_flux_digits
+
         model = load_flux_digits()
     elif args.pretrained:
         model = FluxTransformer2DModel.from_pretrained(args.pretrained, subfolder="transformer",
@@ -204,6 +176,8 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        from tocache_fx.harness.cpu_parallel import patch_for_cpu
+
         patch_for_cpu()
     compile_ = cuda if args.compile is None else args.compile
     dtype = getattr(torch, args.dtype)

@@ -19,13 +19,8 @@ enables Ulysses on the transformed model and runs again.
 
 `python tests/cp_worker.py JOB ...` runs jobs on 2 ranks by hand and prints rank 0's results.
 
-Two workarounds for a machine without accelerators:
-* `torch.accelerator.device_count()` is 0 there, and diffusers' `_resolve_parallel_config`
-  computes `rank % device_count()`: it is patched to return 1.
-* Ring attention needs the log-sum-exp of each partial attention; diffusers' `native` backend
-  raises "Native attention does not support return_lse=True" and its LSE-capable backends have
-  no CPU kernels, so `_native_attention_forward_op` answers `return_lse=True` with
-  `aten._scaled_dot_product_flash_attention_for_cpu` (forward only).
+The workarounds a machine without accelerators needs (diffusers' device count, Ring's
+log-sum-exp on the CPU) are in `tocache_fx.harness.cpu_parallel`.
 """
 
 from __future__ import annotations
@@ -42,32 +37,6 @@ from typing import Any
 STEPS = 8
 N_IMG, N_TXT = 64, 8  # tokens: divisible by 2 (and 4) ranks
 CAPTURES = [0]  # calls of tocache_fx.runtime.prepare (see `run`)
-
-
-def patch_for_cpu() -> None:
-    """The two CPU workarounds of the module docstring (idempotent)."""
-    import torch
-    from diffusers.models import attention_dispatch as dispatch
-
-    torch.accelerator.device_count = lambda: 1
-    original = dispatch._native_attention_forward_op
-    if getattr(original, "_tocache_lse", False):
-        return
-
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                   scale=None, enable_gqa=False, return_lse=False, _save_ctx=True,
-                   _parallel_config=None):
-        if not return_lse:
-            return original(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                            enable_gqa, return_lse, _save_ctx=_save_ctx,
-                            _parallel_config=_parallel_config)
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # [B, H, S, D]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, S, H, D], [B, S, H]
-
-    forward_op._tocache_lse = True
-    dispatch._native_attention_forward_op = forward_op
 
 
 def flux_model(single_layers: int = 2):
@@ -217,6 +186,8 @@ def run(rank: int, world: int, port: int, out_dir: str, jobs: list[str]) -> None
     import torch._inductor.config
 
     torch._inductor.config.compile_threads = 1  # no compile worker pool on 2 shared cores
+    from tocache_fx.harness.cpu_parallel import patch_for_cpu
+
     patch_for_cpu()
     import tocache_fx
     import tocache_fx.runtime
