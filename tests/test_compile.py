@@ -47,3 +47,17 @@ def test_blocks_share_compiled_graphs_whatever_the_depth():
         counts[depth] = (model.num_compiled_graphs,
                          torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[2] == counts[6] == (2, 2)
+
+
+def test_batch_one_slices_do_not_recompile():
+    """FLUX's single-stream blocks get `x[:, text:]`-style views at batch 1: contiguous, but
+    with another stride on the size-1 batch dim than the first block's input. Served with
+    canonical strides, every block of a class reuses one compiled graph per step shape."""
+    import cp_worker
+
+    model = cp_worker.flux_model()
+    cached = tocache_fx.transform(model, tocache_fx.FORA(interval=2, num_steps=4))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = cp_worker.euler(cached, cp_worker.flux_inputs(), steps=4)
+    assert torch.isfinite(out).all() and cached.num_compiled_graphs == 4

@@ -56,6 +56,8 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
     slice `x[:, 8:]` is contiguous with another batch stride, which a compiled graph's
     guards would recompile for)."""
     tensor = tensor.contiguous()
+    if 1 not in tensor.shape:
+        return tensor  # contiguous strides are canonical without size-1 dims
     canonical, step = [], 1
     for size in reversed(tensor.shape):
         canonical.insert(0, step)

@@ -178,19 +178,22 @@ class _Call:
 def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], args: tuple,
            kwargs: dict[str, Any]) -> list[_Call]:
     """Run the model once and record every block call (keys, and arguments per new key).
-    Fingerprints are taken after the run: hooks that fill state lazily at their first call
-    (diffusers' context-parallel split hooks cache argument indices) are seen filled, as
-    every later call sees them."""
-    recorded: list[tuple[str, torch.nn.Module, tuple, tuple, dict]] = []
-    first: set[tuple] = set()
+    A key's fingerprint is taken after the run: hooks that fill state lazily at their first
+    call (diffusers' context-parallel split hooks cache argument indices) are seen filled,
+    as every later call sees them. Arguments are kept once per (class, fingerprint before
+    the call, signature), so the probe holds no more block inputs than it needs."""
+    recorded: list[tuple[str, torch.nn.Module, tuple, tuple]] = []
+    examples: dict[tuple, tuple[tuple, dict]] = {}
+    before: dict[int, tuple] = {}
 
     def recorder(path: str):
         def hook(module: torch.nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+            if id(module) not in before:
+                before[id(module)] = fingerprint(module)
             signature = call_signature((call_args, call_kwargs))
-            new = (id(module), signature) not in first
-            first.add((id(module), signature))
-            recorded.append((path, module, signature, call_args if new else None,
-                             call_kwargs if new else None))
+            example = (type(module), before[id(module)], signature)
+            examples.setdefault(example, (call_args, call_kwargs))
+            recorded.append((path, module, signature, example))
         hook._tocache_probe = True
         return hook
 
@@ -202,15 +205,14 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
     finally:
         for handle in handles:
             handle.remove()
-    fingerprints = {id(module): fingerprint(module) for _, module in blocks}
+    after = {id(module): fingerprint(module) for _, module in blocks}
     calls: list[_Call] = []
     seen: set[tuple] = set()
-    for path, module, signature, call_args, call_kwargs in recorded:
-        key = (type(module), fingerprints[id(module)], signature)
-        new = key not in seen and call_args is not None
+    for path, module, signature, example in recorded:
+        key = (type(module), after[id(module)], signature)
+        call_args, call_kwargs = examples[example] if key not in seen else (None, None)
         seen.add(key)
-        calls.append(_Call(path, module, key, call_args if new else None,
-                           call_kwargs if new else None))
+        calls.append(_Call(path, module, key, call_args, call_kwargs))
     return calls, counter.get_total_flops()
 
 
