@@ -2,7 +2,7 @@
 diffusers' context parallelism (Ulysses or Ring).
 
     torchrun --nproc_per_node=N examples/benchmark_cp.py [--model flux] [--steps 8]
-        [--policies fora,taylorseer,toca,duca] [--mode ulysses|ring] [--repeats 3]
+        [--policies fora,taylorseer,toca,duca,token_cache] [--mode ulysses|ring] [--repeats 3]
 
 Every rank builds the same model (random weights from one seed, or `--pretrained`). Rank 0
 first runs each setting alone (the 1-rank numbers, the others wait), then all N ranks run it
@@ -11,14 +11,18 @@ the transformed model (`tocache_fx.transform`) caching each rank's shard of the 
 setting it prints the median seconds per generation at 1 and N ranks (after one warm-up
 generation, which captures and compiles), and the max difference of the N-rank output to the
 1-rank output of the same setting and to the uncached 1-rank output. Settings: `eager` (the
-diffusers model as is), `NoCache` (our graphs, nothing cached) and the `--policies`.
+diffusers model as is), `NoCache` (our graphs, nothing cached) and the `--policies`
+(TokenCache with the shipped predictor on `--model flux-digits`, else with an untrained
+one from a fixed seed: a latency and correctness demo, not a quality one).
 
 What to expect
 * On CPU (gloo, the default there) this is a correctness demo: N processes share the cores,
   attention's all-to-alls go through gloo, and the N-rank column is not faster. NoCache,
   FORA and TaylorSeer at N ranks equal their 1-rank outputs to ~1e-6; ToCa and DuCa pick
-  their tokens per shard, so they differ from 1 rank by about as much as they differ from
-  the uncached output. Eager by default (`--compile` compiles with inductor).
+  their tokens per shard (by the 1-rank scores of the shard's tokens), so they differ from
+  1 rank by less than they differ from the uncached output; TokenCache's pruned blocks run
+  their self-attention for all tokens under CP (docs/design.md), so it lands closer to the
+  uncached output than at 1 rank. Eager by default (`--compile` compiles with inductor).
 * On GPUs (nccl, one GPU per rank) the N-rank column is the real number: context parallelism
   divides each block's work by N and adds 4 all-to-alls (Ulysses) or one all-gather of K/V
   (Ring) per attention. Caching composes with it: a reused branch skips its collectives too,
@@ -65,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--policies", default="fora,taylorseer,toca,duca")
+    parser.add_argument("--policies", default="fora,taylorseer,toca,duca,token_cache")
     parser.add_argument("--mode", choices=["ulysses", "ring"], default="ulysses")
     parser.add_argument("--attention-backend", default=None,
                         help="diffusers attention backend (e.g. _native_cudnn, flash for Ring on GPUs)")
@@ -152,16 +156,33 @@ def timed(run, repeats: int, device, group: bool) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
-def settings(args):
+def token_cache(args, model, steps: int):
+    """TokenCache at 50%: the shipped predictor of flux-digits, else an untrained one."""
+    from tocache_fx import CachePredictor, TokenCache
+
+    if args.model == "flux-digits":
+        from tocache_fx.harness.sampling import FLUX_MODEL_DIR
+
+        return TokenCache.from_pretrained(FLUX_MODEL_DIR / "token_cache", num_steps=steps)
+    torch.manual_seed(2)  # the same predictor on every rank
+    blocks = model.config.num_layers + model.config.num_single_layers
+    return TokenCache(CachePredictor(blocks, args.image_tokens), prune_ratio=0.5,
+                      num_steps=steps)
+
+
+def settings(args, model):
     import tocache_fx
     from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
 
     steps = args.steps
-    known = {"fora": ("FORA N=2", FORA(interval=2, num_steps=steps)),
-             "taylorseer": ("TaylorSeer N=2", TaylorSeer(interval=2, num_steps=steps)),
-             "toca": ("ToCa.flux", ToCa.flux(num_steps=steps)),
-             "duca": ("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9, num_steps=steps))}
-    chosen = [("NoCache", NoCache())] + [known[name] for name in args.policies.split(",") if name]
+    known = {"fora": lambda: ("FORA N=2", FORA(interval=2, num_steps=steps)),
+             "taylorseer": lambda: ("TaylorSeer N=2", TaylorSeer(interval=2, num_steps=steps)),
+             "toca": lambda: ("ToCa.flux", ToCa.flux(num_steps=steps)),
+             "duca": lambda: ("DuCa N=3 R=90%", DuCa(interval=3, cache_ratio=0.9,
+                                                     num_steps=steps)),
+             "token_cache": lambda: ("TokenCache 50%", token_cache(args, model, steps))}
+    chosen = [("NoCache", NoCache())] + [known[name]() for name in args.policies.split(",")
+                                         if name]
     return tocache_fx, chosen
 
 
@@ -183,8 +204,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     from diffusers import ContextParallelConfig
 
-    tocache_fx, chosen = settings(args)
     model = build_model(args, device, dtype)
+    tocache_fx, chosen = settings(args, model)
     if args.attention_backend:
         model.set_attention_backend(args.attention_backend)
     inputs = make_inputs(model, args, device, dtype)

@@ -9,6 +9,10 @@ Ensures: next to each such attention op, a node computes the score from the op's
 Q/K/V inputs in chunks of queries (attention itself stays on SDPA) and is written to
 slot `score_slot(key)` wherever the attention runs in full (FULL steps, and a
 per-kind cycle's FULL branches inside a PARTIAL step, as the authors refresh their maps).
+Under context parallelism (collectives between the stream and the attention) the score
+is computed from the rank's local Q/K/V before the collectives (`passes.shards`), with
+the keys gathered and the partial sums all-reduced across the ranks, so each rank gets
+the one-process score of its own tokens.
 
 Example:
     >>> attention_scores(gm, branches, full_plan, layout, state)   # doctest: +SKIP
@@ -22,10 +26,11 @@ from collections.abc import Sequence
 from torch.fx import GraphModule
 
 from tocache_fx import ops
-from tocache_fx.layout import CacheLayout
+from tocache_fx.layout import CacheLayout, chain_start
 from tocache_fx.schedule import StepKind
 
-from .find_branches import Branch
+from .find_branches import Branch, attention_mask
+from .shards import local_attention_inputs
 from .state import GraphState
 
 __all__ = ["attention_scores", "score_slot"]
@@ -45,11 +50,19 @@ def attention_scores(gm: GraphModule, branches: Sequence[Branch], plan: tuple[in
             continue  # the attention is not computed in full at this step
         attention = by_name[branches[index].attention.name]
         query, key, value = attention.args[:3]
-        mask = attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")
+        mask = attention_mask(attention)
         scale = attention.kwargs.get("scale")
         span = (start, length)
+        scored_by = next(b for b, key in layout.score_source.items() if key == source)
+        local = local_attention_inputs(attention,
+                                       by_name[chain_start(branches[scored_by], branches).name])
         with gm.graph.inserting_after(attention):
-            if kind == "influence":
+            if local is not None:
+                shard = local.shard
+                score = gm.graph.call_function(ops.sharded_attention_score, (
+                    kind, *local.nodes, local.token_axes, scale, chunk, span,
+                    layout.selection.share_halves, shard.group, shard.rank, shard.world))
+            elif kind == "influence":
                 score = gm.graph.call_function(ops.attention_influence,
                                                (query, key, mask, scale, chunk, span))
             elif kind == "entropy":

@@ -27,13 +27,21 @@ from torch.fx import GraphModule, Node
 from tocache_fx.errors import UnsupportedModelError
 from tocache_fx.opaque import OPAQUE_OP
 
+from .shards import Shard, graph_shard, is_collective
 from .token_axis import NotTokenWise, query_path, token_axes
 
 aten = torch.ops.aten
 
-__all__ = ["Branch", "QueryPath", "find_branches", "ATTENTION_OPS"]
+__all__ = ["Branch", "QueryPath", "find_branches", "ATTENTION_OPS", "attention_mask"]
 
-ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+# SDPA, and the fused kernels that also return the log-sum-exp (Ring attention calls them
+# once per key/value chunk): attention in either case, whose masks sit at other places
+_MASK_AT = {aten.scaled_dot_product_attention.default: (3, "attn_mask"),
+            aten._scaled_dot_product_flash_attention_for_cpu.default: (None, "attn_mask"),
+            aten._scaled_dot_product_flash_attention.default: (None, None),
+            aten._scaled_dot_product_efficient_attention.default: (3, "attn_bias"),
+            aten._scaled_dot_product_cudnn_attention.default: (3, "attn_bias")}
+ATTENTION_OPS = set(_MASK_AT)
 _HEAVY_OPS = ATTENTION_OPS | {
     aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default,
     aten.addmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
@@ -93,6 +101,8 @@ class Branch:
     query_reason: str | None = None
     # (start, length) of the block's image tokens in this branch's stream (TokenCache)
     image_span: tuple[int, int] | None = None
+    # context parallelism: the process group of the graph's collectives, this rank in it
+    shard: Shard | None = None
 
     @property
     def partial_ok(self) -> bool:
@@ -177,6 +187,14 @@ def _split_output(y: Node, inside: set[Node]) -> tuple[Node, Node | None, Node |
     return node, gate, consumer
 
 
+def attention_mask(attention: Node) -> Node | None:
+    """The mask (or bias) an attention op takes, None if it takes none."""
+    position, keyword = _MASK_AT[attention.target]
+    mask = attention.args[position] if position is not None and len(attention.args) > position \
+        else attention.kwargs.get(keyword) if keyword else None
+    return mask if isinstance(mask, Node) else None
+
+
 def _attention_kind(nodes: list[Node], inside: set[Node]) -> tuple[str, Node | None]:
     for node in nodes:
         if node.target in ATTENTION_OPS:
@@ -226,6 +244,7 @@ def find_branches(gm: GraphModule, model_name: str = "model") -> list[Branch]:
 
     block_ids: dict[str, int] = {}
     branches = []
+    shard = graph_shard(gm.graph)
     for add, skip, y, between in candidates:
         inside = set(between) | {skip}
         output, gate, consumer = _split_output(y, inside)
@@ -236,6 +255,7 @@ def find_branches(gm: GraphModule, model_name: str = "model") -> list[Branch]:
         branch = Branch(
             index=len(branches), block=block, block_path=path, kind=kind, add=add, skip=skip,
             output=output, consumer=consumer or add, gate=gate, attention=attention, nodes=body,
+            shard=shard,
         )
         _mark_partial(branch)
         branches.append(branch)
@@ -283,10 +303,6 @@ def _mark_attention_mlp(branch: Branch) -> None:
     branch.token_axes, branch.reused_attention, branch.side_inputs = axes, reused, side
 
 
-def _is_collective(node: Node) -> bool:
-    return "_c10d_functional" in str(node.target)
-
-
 def _reused_attention_value(branch: Branch) -> tuple[Node, int, list[Node]] | None:
     """The value an attention+MLP branch reuses at PARTIAL steps, its token axis, and the
     live nodes behind it: the attention op's output ([batch, heads, tokens, dim] with the
@@ -296,7 +312,7 @@ def _reused_attention_value(branch: Branch) -> tuple[Node, int, list[Node]] | No
     layout that cuts every attention op and collective off the output. None if the
     branch has no second heavy op (a plain attention branch)."""
     attention, skip = branch.attention, _tensor_shape(branch.skip)
-    cut_off = {n for n in branch.nodes if n.target in ATTENTION_OPS or _is_collective(n)}
+    cut_off = {n for n in branch.nodes if n.target in ATTENTION_OPS or is_collective(n)}
     out = _tensor_shape(attention)
     if out is not None and (out[0], out[-2]) == skip[:2] and len(cut_off) == 1:
         candidates = [(attention, len(out) - 2)]

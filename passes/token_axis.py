@@ -394,6 +394,12 @@ def token_span(nodes: Sequence[Node], source: Node, target: Node,
     between them in graph order): `(axis, start, length)`, or None if they do not stay
     one contiguous run (a joint attention's keys are `cat([text, image])`, the image
     stream's tokens a span of them). Unlike `token_axes`, any op may mix tokens."""
+    return token_spans(nodes, source, axis).get(target)
+
+
+def token_spans(nodes: Sequence[Node], source: Node,
+                axis: int = 1) -> dict[Node, tuple[int, int, int]]:
+    """`token_span` of every node of `nodes` that carries `source`'s tokens as one run."""
     spans: dict[Node, tuple[int, int, int]] = {source: (axis, 0, _shape(source)[axis])}
     for node in nodes:
         carried = {spans[a] for a in node.all_input_nodes if a in spans}
@@ -437,4 +443,4 @@ def token_span(nodes: Sequence[Node], source: Node, target: Node,
                 _shape(a) is None or len(_shape(a)) != len(out) or _shape(a)[at] in (1, out[at])
                 for a in node.all_input_nodes):
             spans[node] = (at, start, length)
-    return spans.get(target)
+    return spans

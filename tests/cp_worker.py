@@ -15,7 +15,8 @@ family's `policies()` (captures shared by `with_policy`), or only `:<policy>`.
 "flux/ulysses-compiled" runs FORA compiled with inductor over two generations with
 `torch._dynamo.config.error_on_recompile=True` (on the same FLUX without single-stream
 blocks: see the job); "flux/ulysses-after_generation" runs a generation in one process, then
-enables Ulysses on the transformed model and runs again.
+enables Ulysses on the transformed model and runs again; "<family>/<mode>-scores" compares
+ToCa's and DuCa's token scores after the first (FULL) step with the one-process ones.
 
 `python tests/cp_worker.py JOB ...` runs jobs on 2 ranks by hand and prints rank 0's results.
 
@@ -79,13 +80,25 @@ def euler(model, inputs: dict[str, Any], steps: int = STEPS):
     return x
 
 
+def token_cache(num_blocks: int, num_tokens: int):
+    """TokenCache with an untrained (seeded, so every rank's is the same) predictor."""
+    import torch
+
+    from tocache_fx import CachePredictor, TokenCache
+
+    torch.manual_seed(2)
+    return TokenCache(predictor=CachePredictor(num_blocks, num_tokens), prune_ratio=0.5,
+                      k1=2, k2=2, num_steps=STEPS)
+
+
 def policies() -> dict[str, Any]:
     from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
 
     return {"nocache": NoCache(), "fora": FORA(interval=2, num_steps=STEPS),
             "taylorseer": TaylorSeer(interval=2, warmup=2, num_steps=STEPS),
             "toca": ToCa.flux(num_steps=STEPS),
-            "duca": DuCa(interval=3, cache_ratio=0.9, num_steps=STEPS)}
+            "duca": DuCa(interval=3, cache_ratio=0.9, num_steps=STEPS),
+            "token_cache": token_cache(4, N_IMG)}
 
 
 def wan_model():
@@ -126,7 +139,8 @@ def wan_euler(model, inputs: dict[str, Any], steps: int = STEPS):
 def wan_policies() -> dict[str, Any]:
     from tocache_fx import ToCa
 
-    return {**policies(), "toca": ToCa(interval=3, cache_ratio=0.7, num_steps=STEPS)}
+    return {**policies(), "toca": ToCa(interval=3, cache_ratio=0.7, num_steps=STEPS),
+            "token_cache": token_cache(2, 32)}
 
 
 FAMILIES = {"flux": (flux_model, flux_inputs, euler, policies),
@@ -283,6 +297,9 @@ def _job(job: str, family: str, model, inputs, reference, single, world: int) ->
                        "graphs": graphs, "graphs_after_second": cached.num_compiled_graphs,
                        "repeat": _max_diff(first, second)}
         return out
+    if order == "scores":  # the first FULL step's token scores, against one process's
+        return {name: _scores(family, model, copy.deepcopy(model), inputs, policies()[name],
+                              mode, world) for name in ("toca", "duca")}
     if order == "after_generation":  # one-process generation, then enable_parallelism
         cached = tocache_fx.transform(copy_, policies()["fora"], compile=False)
         before = euler(cached, inputs)
@@ -313,6 +330,48 @@ def _job(job: str, family: str, model, inputs, reference, single, world: int) ->
                             "ranks_agree": all(torch.equal(g, output) for g in gathered),
                             "seconds": seconds, "captures": CAPTURES[0] - captures}
     return out
+
+
+def _first_step_scores(model, policy, inputs, euler) -> dict[tuple[int, int], Any]:
+    """(site, branch) -> the score slot of its source attention after one FULL step."""
+    import tocache_fx
+
+    cached = tocache_fx.transform(model, policy, compile=False)
+    euler(cached, inputs, steps=1)
+    generation = next(iter(cached._generations.values()))
+    return {(site, int(name.split(".")[1])): value for site, slots in generation.slots.items()
+            for name, value in slots.items() if name.startswith("score.")}
+
+
+def _rank_positions(family: str, length: int, rank: int, world: int):
+    """Where a rank's tokens sit in a one-process score of `length` tokens: its chunk of
+    each stream (FLUX's single-stream joint sequence is text, then image)."""
+    import torch
+
+    parts = [N_TXT, N_IMG] if family == "flux" and length == N_TXT + N_IMG else [length]
+    positions, offset = [], 0
+    for part in parts:
+        chunk = part // world
+        positions.append(torch.arange(offset + rank * chunk, offset + (rank + 1) * chunk))
+        offset += part
+    return torch.cat(positions)
+
+
+def _scores(family: str, model, parallel, inputs, policy, mode: str, world: int) -> dict:
+    """Max |rank's score - one process's score of the rank's tokens| over every scored
+    attention of the first (FULL) step."""
+    import torch.distributed as dist
+
+    _, _, euler, _ = FAMILIES[family]
+    one = _first_step_scores(model, policy, inputs, euler)
+    parallel.enable_parallelism(config=cp_config(mode, world))
+    mine = _first_step_scores(parallel, policy, inputs, euler)
+    rank = dist.get_rank()
+    # (a block may score under one and not the other: k is computed from the local count)
+    return {"scored": len(mine), "unmatched": [key for key in mine if key not in one],
+            "max_diff": max((_max_diff(mine[key], one[key][:, _rank_positions(
+                family, one[key].shape[1], rank, world)]) for key in mine if key in one),
+                default=None)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,31 @@ def test_grid_level_pruning_keeps_the_highest_weights_per_cell():
     assert len(kept) == 8
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_context_parallel_tables_are_each_ranks_chunk(ranks):
+    """Under context parallelism a rank holds the contiguous chunk `rank` of the 8 x 8
+    image tokens. Two ranks' chunks (4 rows) hold whole 2 x 2 cells: each keeps its part of
+    the one-process table. Four ranks' (2 rows) too; with a 4 x 4 grid they would not, and
+    each rank ranks its own chunk. Every rank keeps as many tokens (Ulysses' all-to-all of
+    the kept queries needs equal counts)."""
+    torch.manual_seed(0)
+    predictor = CachePredictor(1, 64)
+    for grid in (2, 4):
+        policy = TokenCache(predictor, prune_ratio=0.5, grid=grid)
+        whole = policy.kept(3)[0][1]
+        local = 64 // ranks
+        chunks = [policy.kept(3, shard=(rank, ranks))[0][1] for rank in range(ranks)]
+        assert len({len(chunk) for chunk in chunks}) == 1
+        assert all(0 <= int(chunk.min()) and int(chunk.max()) < local for chunk in chunks)
+        if local % (8 * grid) == 0:
+            assert torch.equal(torch.cat([c + r * local for r, c in enumerate(chunks)]), whole)
+        else:
+            weights = predictor.importance(3)[0, 1]
+            for rank, chunk in enumerate(chunks):
+                mine = weights[rank * local:(rank + 1) * local]
+                assert set(chunk.tolist()) == set(mine.topk(local // 2).indices.tolist())
+
+
 def test_adaptive_block_selection_prunes_the_least_important_blocks():
     predictor = CachePredictor(4, 16)
     with torch.no_grad():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tocache_fx.passes.shards import local_attention_inputs
 from tocache_fx.passes.token_axis import token_span
 
 from .schedule import Schedule, StepKind
@@ -91,7 +92,7 @@ class CacheLayout:
                 tuple(sorted(self.prune)), tuple(sorted(self.kv_cache)), self.stream, self.forecast_order, self.selection, self.cache_dtype)
 
 
-def _chain_start(branch, branches: Sequence):
+def chain_start(branch, branches: Sequence):
     """The stream `branch` updates, where the block's chain of residual adds starts."""
     adds = {b.add: b for b in branches}
     node = branch.skip
@@ -102,17 +103,25 @@ def _chain_start(branch, branches: Sequence):
 
 def score_span(source, kind: str, branch, branches: Sequence) -> tuple[int, int] | None:
     """(start, length) of `branch`'s tokens in the sequence its source attention scores
-    (keys for influence and V-norm, queries for cross-attention entropy); None when
-    they are not one run of it of the same batch."""
+    (keys for influence and V-norm, queries for cross-attention entropy; under context
+    parallelism, in the rank's local keys or queries before the collectives, see
+    `passes.shards`); None when they are not one run of it of the same batch."""
     attention = source.attention
-    scored = attention.args[0 if kind == "entropy" else 1 if kind == "influence" else 2]
-    start = _chain_start(branch, branches)
+    which = 0 if kind == "entropy" else 1 if kind == "influence" else 2
+    scored = attention.args[which]
+    start = chain_start(branch, branches)
     gm_nodes = list(attention.graph.nodes)
     order = {node: i for i, node in enumerate(gm_nodes)}
     between = [n for n in gm_nodes[order[start] + 1:order[scored] + 1]]
     found = token_span(between, start, scored)
+    sequence_axis = scored.meta["val"].dim() - 2
+    if found is None:
+        local = local_attention_inputs(attention, start)
+        if local is not None:
+            scored, found = local.nodes[which], local.spans[which]
+            sequence_axis = found[0]
     val = scored.meta["val"]
-    if found is None or found[0] != val.dim() - 2 or found[2] != branch.num_tokens or \
+    if found is None or found[0] != sequence_axis or found[2] != branch.num_tokens or \
             val.shape[0] != branch.skip.meta["val"].shape[0]:
         return None
     return found[1], found[2]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "gather_tokens", "gather_side_input", "batch_index", "scatter_tokens", "advance_staleness", "select_tokens",
     "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
-    "finite_difference", "taylor_forecast",
+    "finite_difference", "taylor_forecast", "sharded_attention_score",
 ]
 
 
@@ -138,6 +138,12 @@ def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
     `normalise(1 + H)` with the map averaged over heads (and over the CFG halves when
     `share_halves`), computed over query chunks.
     """
+    return _normalise(1 + _cut(_entropy_rows(q, k, mask, scale, chunk, share_halves), span))
+
+
+def _entropy_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float | None, chunk: int, share_halves: bool) -> torch.Tensor:
+    """Entropy of each query's head-averaged attention map: `[B, N_queries]`."""
     rows = []
     for start in range(0, q.shape[-2], chunk):
         m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
@@ -146,7 +152,7 @@ def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
         if share_halves and probs.shape[0] % 2 == 0:
             probs = _shared_halves(probs.flatten(1)).view_as(probs)
         rows.append(-(probs * torch.log(probs + 1e-7)).sum(dim=-1))
-    return _normalise(1 + _cut(torch.cat(rows, dim=-1), span))
+    return torch.cat(rows, dim=-1)
 
 
 def value_norm_score(v: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
@@ -154,6 +160,60 @@ def value_norm_score(v: torch.Tensor, span: tuple[int, int] | None = None) -> to
     -> `[B, N]` (over tokens `span`): L2-normalised `sum_heads (1 - |v|)`, as the authors'
     `kv-norm` score."""
     return _normalise(_cut((1 - v.float().norm(dim=-1)).sum(dim=1), span))
+
+
+def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    functional = torch.ops._c10d_functional
+    return functional.wait_tensor(functional.all_reduce(x, "sum", group))
+
+
+def _gather_sequence(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
+    """`[B, H, S, d]` of every rank, concatenated in rank order: `[B, H, world * S, d]`."""
+    functional = torch.ops._c10d_functional
+    flat = x.permute(2, 0, 1, 3).contiguous()
+    gathered = functional.wait_tensor(functional.all_gather_into_tensor(flat, world, group))
+    return gathered.permute(1, 2, 0, 3)
+
+
+def _normalise_across(score: torch.Tensor, group: str) -> torch.Tensor:
+    """`_normalise` over the tokens of every rank's `score` (`[B, n]` each)."""
+    score = score.float()
+    norm = _all_reduce(score.square().sum(dim=-1, keepdim=True), group).sqrt()
+    return score / norm.clamp_min(1e-12)
+
+
+def sharded_attention_score(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            token_axes: tuple[int, int, int], scale: float | None = None,
+                            chunk: int = 256, span: tuple[int, int] = (0, 0),
+                            share_halves: bool = False, group: str = "", rank: int = 0,
+                            world: int = 1) -> torch.Tensor:
+    """A score of `attention_influence` / `cross_attention_entropy` / `value_norm_score`
+    ("influence" / "entropy" / "vnorm") under context parallelism, from this rank's
+    local q, k, v (every head, its own tokens; `token_axes` 1 or 2) over its tokens
+    `span`: the one-process score of those tokens (see passes/shards.py).
+
+    Keys are gathered from every rank (rank order is token order; for entropy, whose
+    keys are another stream, not where every rank holds the same keys: a replicated
+    stream), influence's column sums all-reduced over the ranks' queries, and the L2
+    normalisation taken over every rank's span. Example (one process, world 1, over the default group):
+        >>> sharded_attention_score("vnorm", q, k, v, (2, 2, 2), span=(0, 16), group="0")  # doctest: +SKIP
+    """
+    q, k, v = (x if axis == 2 else x.transpose(1, 2) for x, axis in zip((q, k, v), token_axes))
+    start, length = span
+    if kind == "vnorm":
+        return _normalise_across((1 - v.float().norm(dim=-1)).sum(dim=1)[:, start:start + length],
+                                 group)
+    keys = _gather_sequence(k, group, world)
+    if kind == "entropy":  # keys of another stream, which a CP plan may replicate (Wan's text)
+        replicated = (keys.unflatten(2, (world, -1)) == k.unsqueeze(2)).all()
+        rows = torch.where(replicated, _entropy_rows(q, k, None, scale, chunk, share_halves),
+                           _entropy_rows(q, keys, None, scale, chunk, share_halves))
+        return _normalise_across(1 + rows[:, start:start + length], group)
+    total = q.new_zeros(q.shape[0], keys.shape[-2], dtype=torch.float32)
+    for i in range(0, q.shape[-2], chunk):
+        total = total + _attention_probs(q[..., i:i + chunk, :], keys, None, scale).mean(dim=1).sum(dim=1)
+    total = _all_reduce(total, group).view(q.shape[0], world, -1)[:, :, start:start + length]
+    return F.normalize(total.flatten(1), p=2.0, dim=-1).view_as(total)[:, rank]
 
 
 def _similarity_score(x: torch.Tensor, noise: torch.Tensor, base_fraction: float) -> torch.Tensor:

@@ -143,26 +143,40 @@ class TokenCache(Policy):
         chosen = set(order[:count])
         return [self.prune_ratio if block in chosen else 0.0 for block in range(num_blocks)]
 
-    def kept(self, num_steps: int) -> list[list[torch.Tensor | None]]:
+    def kept(self, num_steps: int, shard: tuple[int, int] | None = None,
+             ) -> list[list[torch.Tensor | None]]:
         """Per block and step, the image tokens a P-step recomputes (sorted; None: the
-        block does not prune)."""
+        block does not prune). `shard` (rank, ranks): context parallelism, where a rank
+        holds the contiguous chunk `rank` of the image tokens; indices are then the
+        chunk's, and every rank keeps as many tokens (see docs/design.md)."""
         weights = self._loaded.importance(num_steps)
         num_blocks, _, num_tokens = weights.shape
         side = math.isqrt(num_tokens)
         grid = self.grid if side * side == num_tokens and side % self.grid == 0 else 1
+        rank, ranks = shard or (0, 1)
+        local = num_tokens // ranks
+        if grid > 1 and local % (side * grid):
+            grid = 1  # grid cells would straddle two ranks' chunks
         table = []
         for block, ratio in enumerate(self.ratios(num_blocks)):
             # tokens kept in every cell (grid), or at least 2 (no grid): a P-step graph's
             # token count is a dynamic size >= 2
-            pruned = min(round(ratio * grid * grid), grid * grid - (2 if grid == 1 else 1))
+            pruned = min(round(ratio * grid * grid), grid * grid - 1)
             if grid == 1:
-                pruned = min(round(ratio * num_tokens), num_tokens - 2)
+                pruned = min(round(ratio * local), local - 2)
             if pruned <= 0:
                 table.append([None] * num_steps)
                 continue
-            table.append([_keep(weights[block, step], side, grid, pruned) if grid > 1 else
-                          weights[block, step].topk(num_tokens - pruned).indices.sort().values
-                          for step in range(num_steps)])
+            row = []
+            for step in range(num_steps):
+                if grid > 1:
+                    keep = _keep(weights[block, step], side, grid, pruned)
+                    keep = keep[(keep >= rank * local) & (keep < (rank + 1) * local)]
+                else:
+                    chunk = weights[block, step, rank * local:(rank + 1) * local]
+                    keep = chunk.topk(local - pruned).indices.sort().values + rank * local
+                row.append(keep - rank * local)
+            table.append(row)
         return table
 
     def _block_of(self, branches: Sequence) -> dict[int, int]:
@@ -173,13 +187,13 @@ class TokenCache(Policy):
         """Per (step, branch), the stream positions a P-step recomputes: the branch's
         other tokens and its image tokens the block keeps."""
         position = self._block_of(branches)
-        kept = self.kept(num_steps)
+        kept = self.kept(num_steps, _shard(branches))
         kinds = self.step_kinds(num_steps)
         listed = {}
         for branch in branches:
             span = getattr(branch, "image_span", None)
-            if span is None or not branch.prunable:
-                continue
+            if span is None or not _recomputes_queries(branch):
+                continue  # computed in full
             start, length = span
             others = torch.cat([torch.arange(start),
                                 torch.arange(start + length, branch.num_tokens)])
@@ -200,14 +214,31 @@ class TokenCache(Policy):
             for step, kind in enumerate(self.step_kinds(num_steps))]
 
     def check(self, model_name: str, branches: Sequence) -> None:
-        """The predictor must have been trained for this model's blocks and tokens."""
+        """The predictor must have been trained for this model's blocks and tokens (under
+        context parallelism, a rank's chunk of them)."""
+        _, ranks = _shard(branches) or (0, 1)
         self._loaded.check(model_name, len({b.block for b in branches}),
-                           max((b.image_span[1] for b in branches
-                                if getattr(b, "image_span", None)), default=0))
+                           ranks * max((b.image_span[1] for b in branches
+                                        if getattr(b, "image_span", None)), default=0))
 
     def token_selection(self, grid: tuple[int, int] | None) -> TokenSelection:
         return TokenSelection(listed=True, listed_attention=self.attention,
                               listed_cache=self.cache)
+
+
+def _recomputes_queries(branch) -> bool:
+    """Whether a P-step can recompute the branch for chosen tokens as TokenCache does: a
+    self-attention for those queries (its query path; under context parallelism the
+    collectives hide it, and the branch runs in full), anything else token-wise."""
+    if branch.kind in ("self_attention", "attention_mlp"):
+        return getattr(branch, "query", None) is not None
+    return branch.prunable
+
+
+def _shard(branches: Sequence) -> tuple[int, int] | None:
+    """(rank, ranks) of a context-parallel capture, None in one process."""
+    shard = next((b.shard for b in branches if getattr(b, "shard", None)), None)
+    return (shard.rank, shard.world) if shard else None
 
 
 def _keep(weights: torch.Tensor, side: int, grid: int, pruned: int) -> torch.Tensor:
