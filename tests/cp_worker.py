@@ -12,7 +12,7 @@ Jobs are named `<family>/<mode>-<order>[:<policy>]`: family "flux" or "wan", mod
 or "ring", order "enable_first" (`enable_parallelism`, then `tocache_fx.transform`) or
 "transform_first" (the other way round, on the transformed model); every policy of the
 family's `policies()` (captures shared by `with_policy`), or only `:<policy>`.
-"flux/ulysses-compiled" runs FORA compiled with inductor over two generations with
+"flux/ulysses-compiled" runs FORA and ToCa compiled with inductor over two generations with
 `torch._dynamo.config.error_on_recompile=True` (on the same FLUX without single-stream
 blocks: see the job); "flux/ulysses-after_generation" runs a generation in one process, then
 enables Ulysses on the transformed model and runs again; "<family>/<mode>-scores" compares
@@ -278,24 +278,30 @@ def _job(job: str, family: str, model, inputs, reference, single, world: int) ->
     chosen = {k: v for k, v in policies().items() if not only or k == only}
     copy_ = copy.deepcopy(model)
     out: dict[str, Any] = {}
-    if order == "compiled":  # FORA compiled with inductor, two generations, no recompiles
+    if order == "compiled":  # FORA and ToCa compiled with inductor, two generations each
         # On FLUX without single-stream blocks: inductor compiles one FULL graph per block
-        # class, ~25 s each on a cold cache on 2 busy cores.
+        # class, ~25 s each on a cold cache on 2 busy cores. FORA against its one-process
+        # run; ToCa (scores with collectives of their own) against its eager CP run.
         model = flux_model(single_layers=0)
-        copy_ = copy.deepcopy(model)
-        fora = policies()["fora"]
-        eager = euler(tocache_fx.transform(model, fora, compile=False), inputs)
         reference = euler(model, inputs)
-        copy_.enable_parallelism(config=cp_config(mode, world))
-        cached = tocache_fx.transform(copy_, fora)
         torch._dynamo.reset()
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            first = euler(cached, inputs)
-            graphs = cached.num_compiled_graphs
-            second = euler(cached, inputs)
-        out["fora"] = {**_record(first, reference, eager), **_describe(cached),
-                       "graphs": graphs, "graphs_after_second": cached.num_compiled_graphs,
-                       "repeat": _max_diff(first, second)}
+        for name in ("fora", "toca"):
+            policy, copy_ = policies()[name], copy.deepcopy(model)
+            copy_.enable_parallelism(config=cp_config(mode, world))
+            if name == "fora":
+                eager = euler(tocache_fx.transform(model, policy, compile=False), inputs)
+            else:
+                parallel = copy.deepcopy(model)
+                parallel.enable_parallelism(config=cp_config(mode, world))
+                eager = euler(tocache_fx.transform(parallel, policy, compile=False), inputs)
+            cached = tocache_fx.transform(copy_, policy)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                first = euler(cached, inputs)
+                graphs = cached.num_compiled_graphs
+                second = euler(cached, inputs)
+            out[name] = {**_record(first, reference, eager), **_describe(cached),
+                         "graphs": graphs, "graphs_after_second": cached.num_compiled_graphs,
+                         "repeat": _max_diff(first, second)}
         return out
     if order == "scores":  # the first FULL step's token scores, against one process's
         return {name: _scores(family, model, copy.deepcopy(model), inputs, policies()[name],

@@ -184,8 +184,11 @@ def test_same_partial_branches_as_in_one_process(ranks):
     assert kinds[-2:] == [("attention_mlp", True)] * 2
 
 
-def test_compiled_under_ulysses_without_recompiles(ranks):
-    for run in _policy(ranks, "flux/ulysses-compiled", "fora"):
+@pytest.mark.parametrize("policy", ["fora", "toca"])
+def test_compiled_under_ulysses_without_recompiles(ranks, policy):
+    """FORA equals its one-process run, ToCa (whose scores run collectives of their own)
+    its eager CP run."""
+    for run in _policy(ranks, "flux/ulysses-compiled", policy):
         assert run["finite"] and run["vs_single"] < EXACT, run
         assert run["repeat"] == 0.0
         assert run["graphs"] == run["graphs_after_second"] > 0
