@@ -222,7 +222,7 @@ def run(rank: int, world: int, port: int, out_dir: str, jobs: list[str]) -> None
         for job in jobs:
             family, _, task = job.rpartition("/")
             family = family or "flux"
-            if family not in families:
+            if family != "zoo" and family not in families:
                 began = time.perf_counter()
                 families[family] = _references(family, rank, world)
                 results["single"][family] = {name: _record(out, families[family][2], None)
@@ -230,7 +230,8 @@ def run(rank: int, world: int, port: int, out_dir: str, jobs: list[str]) -> None
                 results["timings"][f"{family}/single"] = time.perf_counter() - began
             began = time.perf_counter()
             try:
-                results[job] = _job(task, family, *families[family], world)
+                results[job] = _zoo(task, world) if family == "zoo" else \
+                    _job(task, family, *families[family], world)
             except Exception:  # noqa: BLE001 - reported to the test
                 results[job] = {"error": traceback.format_exc()}
             results["timings"][job] = time.perf_counter() - began
@@ -335,6 +336,73 @@ def _job(job: str, family: str, model, inputs, reference, single, world: int) ->
                             **_describe(cached),
                             "ranks_agree": all(torch.equal(g, output) for g in gathered),
                             "seconds": seconds, "captures": CAPTURES[0] - captures}
+    return out
+
+
+def _cp_call(model, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` as the model's CP plan expects them: `return_dict=False` (diffusers' output
+    gather takes tensors), and an input the plan splits with one more dimension than given
+    (Flux2's position ids) batched."""
+    import torch
+
+    plan = getattr(type(model), "_cp_plan", {}).get("", {})
+    call = dict(inputs, return_dict=False)
+    for name, spec in plan.items():
+        dims = getattr(spec, "expected_dims", None)
+        if isinstance(call.get(name), torch.Tensor) and dims == call[name].dim() + 1:
+            call[name] = call[name][None]
+    return call
+
+
+def _zoo(mode: str, world: int) -> dict[str, Any]:
+    """Every zoo model with a `_cp_plan` (tests/zoo.py, batch 1), under `mode`
+    ("<mode>-models"): diffusers' own CP output against one process (where diffusers'
+    CP fails on the model, its error), then ours: NoCache against one process, FORA(2)
+    over two calls against its one-process run, ToCa(2) over two calls (FULL, PARTIAL)
+    against the uncached second call, next to its one-process run's."""
+    import torch
+
+    import tocache_fx
+    from zoo import ZOO, _first
+
+    mode = mode.removesuffix("-models")
+    toca_policy = tocache_fx.ToCa(interval=2, full_schedule="fixed", step_clock="countup",
+                                  num_steps=2)  # FULL, then PARTIAL
+    out: dict[str, Any] = {}
+    for entry in ZOO:
+        model = entry.build()
+        if not getattr(type(model), "_cp_plan", None):
+            continue
+        calls = [_cp_call(model, entry.inputs(1, t)) for t in (0.5, 0.4)]
+        with torch.no_grad():
+            reference = _first(model(**calls[0]))
+            uncached = _first(model(**calls[1]))
+            one = tocache_fx.transform(model, tocache_fx.FORA(2, num_steps=2), compile=False)
+            fora_one = [_first(one(**call)) for call in calls]
+            toca_single = one.with_policy(toca_policy)
+            toca_one = [_first(toca_single(**call)) for call in calls][1]
+            parallel = copy.deepcopy(model)
+            try:
+                parallel.enable_parallelism(config=cp_config(mode, world))
+                theirs = _first(parallel(**calls[0]))
+            except Exception as error:  # noqa: BLE001 - diffusers' own CP on this config
+                out[entry.name] = {"diffusers_error": f"{type(error).__name__}: {error}"[:300]}
+                continue
+            base = tocache_fx.transform(parallel, tocache_fx.NoCache(), compile=False)
+            ours = _first(base(**calls[0]))
+            fora = base.with_policy(tocache_fx.FORA(2, num_steps=2))
+            fora_many = [_first(fora(**call)) for call in calls]
+            toca = base.with_policy(toca_policy)
+            toca_out = [_first(toca(**call)) for call in calls]
+        kinds = {name: [int(kind) for kind in next(iter(cached._generations.values())).kinds]
+                 for name, cached in (("fora", fora), ("toca", toca))}
+        out[entry.name] = {"diffusers_vs_original": _max_diff(theirs, reference),
+                           "nocache_vs_original": _max_diff(ours, reference),
+                           "fora_vs_single": max(map(_max_diff, fora_many, fora_one)),
+                           "toca_finite": all(bool(torch.isfinite(o).all()) for o in toca_out),
+                           "toca_vs_original": _max_diff(toca_out[1], uncached),
+                           "toca_single_vs_original": _max_diff(toca_one, uncached),
+                           "kinds": kinds}
     return out
 
 

@@ -7,7 +7,8 @@ Two workarounds diffusers 0.42 needs there, for the tests and `examples/benchmar
 * Ring attention needs the log-sum-exp of each partial attention; the `native` backend
   raises "Native attention does not support return_lse=True" and the LSE-capable backends
   have no CPU kernels, so `return_lse=True` is served by
-  `aten._scaled_dot_product_flash_attention_for_cpu` (forward only).
+  `aten._scaled_dot_product_flash_attention_for_cpu` (forward only; a boolean mask becomes
+  the additive one that kernel takes).
 
 Example:
     >>> from tocache_fx.harness.cpu_parallel import patch_for_cpu
@@ -38,6 +39,9 @@ def patch_for_cpu() -> None:
                             enable_gqa, return_lse, _save_ctx=_save_ctx,
                             _parallel_config=_parallel_config)
         q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # [B, H, S, D]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # the kernel adds masks
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask,
+                                                                              float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, S, H, D], [B, S, H]
