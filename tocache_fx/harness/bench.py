@@ -261,7 +261,7 @@ def format_rows(rows: list[dict]) -> str:
             continue
         table.append((r["setting"], f"{r['flops_speedup']:.2f}", f"{r['latency_speedup']:.2f}",
                       f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['accuracy']:.3f}",
-                      f"{r['fd']:.2f}", ""))
+                      f"{r['fd']:.2f}", r.get("note", "")))
     return tabulate(table, headers=["setting", "FLOPs speedup", "latency speedup", "PSNR dB",
                                     "SSIM", "class acc", "FD", "note"], tablefmt="github")
 
