@@ -358,16 +358,32 @@ def _cp_call(model, inputs: dict[str, Any]) -> dict[str, Any]:
 CP_CONFIGS = {"HeliosTransformer3DModel": {"num_layers": 40}}
 
 
+def _outputs(output) -> list:
+    """Every tensor a model returns, in order."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _max_diff_all(a: list, b: list) -> float:
+    assert len(a) == len(b), (len(a), len(b))
+    return max(map(_max_diff, a, b))
+
+
 def _zoo(mode: str, world: int) -> dict[str, Any]:
     """Every zoo model with a `_cp_plan` (tests/zoo.py, batch 1), under `mode`
     ("<mode>-models"): diffusers' own CP output against one process (where diffusers'
     CP fails on the model, its error), then ours: NoCache against one process, FORA(2)
     over two calls against its one-process run, ToCa(2) over two calls (FULL, PARTIAL)
-    against the uncached second call, next to its one-process run's."""
+    against the uncached second call, next to its one-process run's. Every output is
+    compared (LTX2's and MiniMax-H3's audio too)."""
     import torch
 
     import tocache_fx
-    from zoo import ZOO, _first
+    from zoo import ZOO
 
     mode = mode.removesuffix("-models")
     toca_policy = tocache_fx.ToCa(interval=2, full_schedule="fixed", step_clock="countup",
@@ -382,33 +398,33 @@ def _zoo(mode: str, world: int) -> dict[str, Any]:
             model = type(model).from_config({**model.config, **CP_CONFIGS[entry.name]}).eval()
         calls = [_cp_call(model, entry.inputs(1, t)) for t in (0.5, 0.4)]
         with torch.no_grad():
-            reference = _first(model(**calls[0]))
-            uncached = _first(model(**calls[1]))
+            reference = _outputs(model(**calls[0]))
+            uncached = _outputs(model(**calls[1]))
             one = tocache_fx.transform(model, tocache_fx.FORA(2, num_steps=2), compile=False)
-            fora_one = [_first(one(**call)) for call in calls]
+            fora_one = [_outputs(one(**call)) for call in calls]
             toca_single = one.with_policy(toca_policy)
-            toca_one = [_first(toca_single(**call)) for call in calls][1]
+            toca_one = [_outputs(toca_single(**call)) for call in calls][1]
             parallel = copy.deepcopy(model)
             try:
                 parallel.enable_parallelism(config=cp_config(mode, world))
-                theirs = _first(parallel(**calls[0]))
+                theirs = _outputs(parallel(**calls[0]))
             except Exception as error:  # noqa: BLE001 - diffusers' own CP on this config
                 out[entry.name] = {"diffusers_error": f"{type(error).__name__}: {error}"[:300]}
                 continue
             base = tocache_fx.transform(parallel, tocache_fx.NoCache(), compile=False)
-            ours = _first(base(**calls[0]))
+            ours = _outputs(base(**calls[0]))
             fora = base.with_policy(tocache_fx.FORA(2, num_steps=2))
-            fora_many = [_first(fora(**call)) for call in calls]
+            fora_many = [_outputs(fora(**call)) for call in calls]
             toca = base.with_policy(toca_policy)
-            toca_out = [_first(toca(**call)) for call in calls]
+            toca_out = [_outputs(toca(**call)) for call in calls]
         kinds = {name: [int(kind) for kind in next(iter(cached._generations.values())).kinds]
                  for name, cached in (("fora", fora), ("toca", toca))}
-        out[entry.name] = {"diffusers_vs_original": _max_diff(theirs, reference),
-                           "nocache_vs_original": _max_diff(ours, reference),
-                           "fora_vs_single": max(map(_max_diff, fora_many, fora_one)),
-                           "toca_finite": all(bool(torch.isfinite(o).all()) for o in toca_out),
-                           "toca_vs_original": _max_diff(toca_out[1], uncached),
-                           "toca_single_vs_original": _max_diff(toca_one, uncached),
+        out[entry.name] = {"diffusers_vs_original": _max_diff_all(theirs, reference),
+                           "nocache_vs_original": _max_diff_all(ours, reference),
+                           "fora_vs_single": max(map(_max_diff_all, fora_many, fora_one)),
+                           "toca_finite": all(bool(torch.isfinite(t).all()) for o in toca_out for t in o),
+                           "toca_vs_original": _max_diff_all(toca_out[1], uncached),
+                           "toca_single_vs_original": _max_diff_all(toca_one, uncached),
                            "kinds": kinds}
     return out
 

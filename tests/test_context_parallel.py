@@ -206,17 +206,15 @@ def test_captured_once(ranks, job):
 
 
 # Zoo models with a `_cp_plan` whose CP diffusers itself runs on their tiny zoo configs (the
-# others fail inside diffusers before any transform: Wan's zoo video shards unevenly, LTX's
-# rotary table is not head-split under Ulysses); Wan runs under CP above with its own config,
-# Helios with 40 blocks (cp_worker.CP_CONFIGS).
-DIFFUSERS_CP_RUNS = {
-    "ulysses": {"FluxTransformer2DModel", "QwenImageTransformer2DModel",
-                "Flux2Transformer2DModel", "ChronoEditTransformer3DModel",
-                "HeliosTransformer3DModel"},
-    "ring": {"FluxTransformer2DModel", "QwenImageTransformer2DModel", "Flux2Transformer2DModel",
-             "ChronoEditTransformer3DModel", "LTXVideoTransformer3DModel",
-             "HeliosTransformer3DModel"},
-}
+# others fail inside diffusers before any transform: Wan's zoo video shards unevenly; LTX's
+# rotary table is not head-split under Ulysses; LTX2's plan leaves its audio-video
+# cross-attention rotary tables whole, so both modes fail, with diffusers' own test config
+# too); Wan runs under CP above with its own config, Helios with 40 blocks
+# (cp_worker.CP_CONFIGS).
+_BOTH = {"FluxTransformer2DModel", "QwenImageTransformer2DModel", "Flux2Transformer2DModel",
+         "ChronoEditTransformer3DModel", "HeliosTransformer3DModel",
+         "MiniMaxH3Transformer3DModel"}
+DIFFUSERS_CP_RUNS = {"ulysses": _BOTH, "ring": _BOTH | {"LTXVideoTransformer3DModel"}}
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])

@@ -683,6 +683,50 @@ _add("ZImageTransformer2DModel",
 
 
 
+# ------------------------------------------------------------------- joint audio-video
+
+_add("LTX2VideoTransformer3DModel",
+     dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+          attention_head_dim=16, cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+          audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+          num_layers=2, caption_channels=24, rope_double_precision=False),
+     lambda b, t: {"hidden_states": _randn(b, 2 * 4 * 8, 8), "audio_hidden_states": _randn(b, 9, 4, seed=3),
+                   "encoder_hidden_states": _randn(b, 6, 24, seed=1),
+                   "audio_encoder_hidden_states": _randn(b, 6, 24, seed=2), "timestep": _floats(t, b),
+                   "encoder_attention_mask": torch.ones(b, 6, dtype=torch.long),
+                   "num_frames": 2, "height": 4, "width": 8, "audio_num_frames": 9, "fps": 25.0},
+     note="video [B, F*H*W, C] and audio [B, frames, C] streams; returns both")
+
+
+def _minimax_h3_inputs(b: int, t: float, video: int = 16, text: int = 4, audio: int = 6) -> dict:
+    """A packed text | audio | video sequence, the layout MiniMax-H3's pipeline builds."""
+    total = text + audio + video
+    text_ids, audio_ids = torch.arange(text), torch.arange(text, text + audio)
+    video_ids = torch.arange(text + audio, total)
+    tags = torch.empty(total, dtype=torch.long)
+    tags[text_ids], tags[audio_ids], tags[video_ids] = 1, 2, 0     # 0 video, 1 text, 2 audio
+    timestep_ids = torch.zeros(total, dtype=torch.long)
+    timestep_ids[audio_ids] = 1                                     # audio has its own noise level
+    positions = torch.zeros(total, 3)
+    positions[:, 0] = torch.arange(total).float()
+    positions[video_ids, 1] = (torch.arange(video) // 4).float()
+    positions[video_ids, 2] = (torch.arange(video) % 4).float()
+    return {"hidden_states": _randn(b, video, 16), "audio_hidden_states": _randn(b, audio, 6, seed=3),
+            "encoder_hidden_states": _randn(b, text, 8, seed=1),
+            "timestep": torch.tensor([t, t]), "timestep_indices": timestep_ids, "token_tags": tags,
+            "position_ids": positions, "video_indices": video_ids, "audio_indices": audio_ids,
+            "text_indices": text_ids}
+
+
+_add("MiniMaxH3Transformer3DModel",
+     dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2,
+          num_refiner_layers=2, ffn_dim=64, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2),
+          text_dim=8, freq_dim=8, time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2),
+     _minimax_h3_inputs,
+     note="one packed text/audio/video sequence with per-row tags; timestep is a table of "
+          "noise levels (video, audio) indexed per row")
+
+
 # ------------------------------------------------------------------- not in the zoo
 
 ZOO_SKIPPED.update({
@@ -702,14 +746,10 @@ ZOO_SKIPPED.update({
         "needs packed position_ids / segment_ids / indicator sequences; not built (time)",
     "Kandinsky6Transformer3DModel":
         "joint audio-video model with visual conditioning; not built (time)",
-    "LTX2VideoTransformer3DModel":
-        "joint audio-video model (audio latents, audio text, coords); not built (time)",
     "SanaWMLTX2RefinerTransformer3DModel":
         "LTX2-derived refiner needing precomputed video_rotary_emb and KV cache; not built (time)",
     "SanaWMTransformer3DModel":
         "world model needing camera / plucker conditioning and chunked inputs; not built (time)",
-    "MiniMaxH3Transformer3DModel":
-        "joint audio-video model fed packed token_tags / index tensors; not built (time)",
     "MiniMaxMusic3RVQDepthDecoder":
         "autoregressive RVQ depth decoder (inputs_embeds only), not a diffusion transformer",
     "OmniGenTransformer2DModel":
