@@ -206,10 +206,10 @@ def test_captured_once(ranks, job):
 
 
 # Zoo models with a `_cp_plan` whose CP diffusers itself runs on their tiny zoo configs (the
-# others fail inside diffusers before any transform: Wan's zoo video shards unevenly; LTX's
-# rotary table is not head-split under Ulysses; LTX2's plan leaves its audio-video
-# cross-attention rotary tables whole, so both modes fail, with diffusers' own test config
-# too); Wan runs under CP above with its own config, Helios with 40 blocks
+# others fail inside diffusers before any transform: Wan's zoo video shards unevenly; LTX
+# and LTX2 build a per-head text mask Ulysses' head split does not follow; LTX2's plan
+# leaves its audio-video cross-attention rotary tables whole, so Ring fails too, with
+# diffusers' own test config as well); Wan runs under CP above with its own config, Helios with 40 blocks
 # (cp_worker.CP_CONFIGS).
 _BOTH = {"FluxTransformer2DModel", "QwenImageTransformer2DModel", "Flux2Transformer2DModel",
          "ChronoEditTransformer3DModel", "HeliosTransformer3DModel",
