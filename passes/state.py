@@ -33,8 +33,8 @@ counters, scores and sizes, kept as they are."""
 
 
 class GraphState:
-    """Collects the cache slots a step graph reads and writes; with `cache_dtype`, value
-    slots are stored in that dtype (a cast on write, and back on read)."""
+    """Collects the cache slots a step graph reads and writes. Slots are contiguous; with
+    `cache_dtype`, value slots are stored in that dtype (a cast on write, back on read)."""
 
     def __init__(self, graph: Graph, cache_dtype: torch.dtype | None = None) -> None:
         self.graph = graph
@@ -56,7 +56,7 @@ class GraphState:
         if optional:
             self.optional.add(name)
         if name not in self.reads:
-            stored = example.to(self._stored(name, example.dtype))
+            stored = example.to(self._stored(name, example.dtype)).contiguous()
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
                 node = self.graph.placeholder(name.replace(".", "_"))
@@ -73,7 +73,15 @@ class GraphState:
         return self.values[name]
 
     def write(self, name: str, node: Node) -> None:
+        """Store `node` in slot `name`: contiguous (a branch output can be a view of a
+        joint sequence, and every graph reading the slot is compiled for one layout), in
+        the slot's dtype."""
         val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_contiguous():
+            with self.graph.inserting_after(node):
+                node = self.graph.call_function(torch.ops.aten.clone.default, (node,),
+                                                {"memory_format": torch.contiguous_format})
+            node.meta["val"] = val = val.contiguous()
         if isinstance(val, torch.Tensor) and self._stored(name, val.dtype) != val.dtype:
             with self.graph.inserting_after(node):
                 node = self.graph.call_function(torch.ops.aten._to_copy.default, (node,),

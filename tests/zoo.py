@@ -25,6 +25,12 @@ class ZooModel:
     build: Callable[[], torch.nn.Module]        # seeded, eval, tiny
     inputs: Callable[[int, float], dict]        # (batch, t in [0, 1]) -> forward kwargs
     note: str = ""                              # anything unusual
+    variant: str = ""                           # a second config of one class: what differs
+
+    @property
+    def label(self) -> str:
+        """The class name, plus the variant where one class has several entries."""
+        return f"{self.name} ({self.variant})" if self.variant else self.name
 
 
 ZOO: list[ZooModel] = []
@@ -58,8 +64,9 @@ def _builder(cls_name: str, **config) -> Callable[[], torch.nn.Module]:
     return build
 
 
-def _add(name: str, config: dict, inputs: Callable[[int, float], dict], note: str = "") -> None:
-    ZOO.append(ZooModel(name, _builder(name, **config), inputs, note))
+def _add(name: str, config: dict, inputs: Callable[[int, float], dict], note: str = "",
+         variant: str = "") -> None:
+    ZOO.append(ZooModel(name, _builder(name, **config), inputs, note, variant))
 
 
 def _flux_ids(h: int, w: int, txt: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +258,39 @@ _add("CogVideoXTransformer3DModel",
      lambda b, t: {"hidden_states": _randn(b, 2, 4, 8, 8),
                    "encoder_hidden_states": _randn(b, 6, 24, seed=1), "timestep": _ints(t, b)},
      note="hidden_states is [B, F, C, H, W]; text tokens are concatenated to the stream")
+
+_COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                  time_embed_dim=16, text_embed_dim=24, num_layers=2, sample_width=8,
+                  sample_height=8, patch_size=2, temporal_compression_ratio=4,
+                  max_text_seq_length=6)
+
+
+def _cogvideox_inputs(b: int, t: float, frames: int = 2) -> dict:
+    return {"hidden_states": _randn(b, frames, 4, 8, 8),
+            "encoder_hidden_states": _randn(b, 6, 24, seed=1), "timestep": _ints(t, b)}
+
+
+def _cogvideox_15_inputs(b: int, t: float) -> dict:
+    """4 latent frames in 2 temporal patches, with the rotary table CogVideoX 1.5's pipeline
+    builds (`get_3d_rotary_pos_embed`, grid_type="slice")."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    cos, sin = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=None, grid_size=(4, 4),
+                                       temporal_size=2, grid_type="slice", max_size=(4, 4),
+                                       device="cpu")
+    return {**_cogvideox_inputs(b, t, frames=4), "image_rotary_emb": (cos, sin)}
+
+
+_add("CogVideoXTransformer3DModel", dict(_COGVIDEOX, sample_frames=13), _cogvideox_inputs,
+     variant="fewer frames",
+     note="called with 2 latent frames where sample_frames gives 4: the positional "
+          "embedding is built at call time")
+
+_add("CogVideoXTransformer3DModel",
+     dict(_COGVIDEOX, sample_frames=9, patch_size_t=2, use_rotary_positional_embeddings=True,
+          use_learned_positional_embeddings=False),
+     _cogvideox_15_inputs, variant="1.5, rotary",
+     note="CogVideoX 1.5: temporal patches of 2 frames, rotary table passed by the pipeline")
 
 
 def _hunyuan_video_inputs(b: int, t: float) -> dict:
@@ -462,6 +502,14 @@ _add("ConsisIDTransformer3DModel",
      lambda b, t: {"hidden_states": _randn(b, 2, 4, 8, 8),
                    "encoder_hidden_states": _randn(b, 6, 24, seed=1), "timestep": _ints(t, b)},
      note="CogVideoX-like, face branch disabled (is_train_face=False)")
+
+_add("ConsisIDTransformer3DModel",
+     dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+          time_embed_dim=16, text_embed_dim=24, num_layers=2, sample_width=8, sample_height=8,
+          sample_frames=13, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6,
+          is_train_face=False),
+     _cogvideox_inputs, variant="fewer frames",
+     note="called with 2 latent frames where sample_frames gives 4")
 
 _add("SanaVideoTransformer3DModel",
      dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
@@ -718,6 +766,13 @@ def _minimax_h3_inputs(b: int, t: float, video: int = 16, text: int = 4, audio: 
             "text_indices": text_ids}
 
 
+_add("Kandinsky6SRTransformer3DModel",
+     dict(in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=32, ff_dim=64,
+          num_visual_blocks=2, axes_dims=(4, 6, 6)),
+     lambda b, t: {"hidden_states": _randn(b, 1, 8, 8, 9), "timestep": _floats(t, b)},
+     note="latent tile [B, T, H, W, 2C+1] (noisy, anchor, mask); NABLA sparse self-attention "
+          "on eager flex attention")
+
 _add("MiniMaxH3Transformer3DModel",
      dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2,
           num_refiner_layers=2, ffn_dim=64, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2),
@@ -730,9 +785,6 @@ _add("MiniMaxH3Transformer3DModel",
 # ------------------------------------------------------------------- not in the zoo
 
 ZOO_SKIPPED.update({
-    "Kandinsky6SRTransformer3DModel":
-        "builds tiny (model_dim=32, 2 blocks, input [B, 1, 8, 8, 9]) and runs, but its first forward "
-        "takes 2-3 s on 1 thread (NABLA flex-attention warm-up), over the 2 s budget",
     "AnyFlowFARTransformer3DModel":
         "frame-autoregressive variant: needs chunk_partition / KV-cache flags and a flex-attention "
         "BlockMask; not built (time)",
@@ -807,14 +859,14 @@ if __name__ == "__main__":
     wanted = set(sys.argv[1:])
     total = time.perf_counter()
     for entry in ZOO:
-        if wanted and entry.name not in wanted:
+        if wanted and not {entry.name, entry.label} & wanted:
             continue
         try:
             r = check(entry)
-            print(f"ok   {entry.name:42s} {r['params']:>9,d} build {r['build_s']:.2f}s "
+            print(f"ok   {entry.label:42s} {r['params']:>9,d} build {r['build_s']:.2f}s "
                   f"fwd {r['forward_s']:.2f}s out {r['shape']}", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"FAIL {entry.name:42s} {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"FAIL {entry.label:42s} {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             if wanted:
                 traceback.print_exc()
     print(f"total {time.perf_counter() - total:.1f}s, {len(ZOO)} entries, {len(ZOO_SKIPPED)} skipped")

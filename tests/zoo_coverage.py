@@ -119,7 +119,7 @@ def check(entry: ZooModel, compile: bool = False) -> Coverage:
     try:
         uncached = generate(base, entry)
     except UnsupportedModelError as error:
-        return Coverage(entry.name, "-", "-", f"not supported: {error}", compile)
+        return Coverage(entry.label, "-", "-", f"not supported: {error}", compile)
     graph, branches = _describe(base)
     torch.testing.assert_close(uncached, reference, msg=lambda m: f"NoCache differs: {m}")
     once = generate(base.with_policy(ToCa(interval=1)), entry)
@@ -137,7 +137,7 @@ def check(entry: ZooModel, compile: bool = False) -> Coverage:
         assert steps_seen == STEPS, f"{name}: counted {steps_seen} steps of one generation"
         saving = schedule_flops(cached)["speedup"]
         assert saving > 1, f"{name}: the schedule saves no FLOPs ({saving:.2f}x)"
-    return Coverage(entry.name, graph, branches, "passes", compile)
+    return Coverage(entry.label, graph, branches, "passes", compile)
 
 
 def table(rows: list[Coverage]) -> str:
@@ -159,13 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rows = []
     for entry in ZOO:
-        if args.names and entry.name not in args.names:
+        if args.names and not {entry.name, entry.label} & set(args.names):
             continue
         try:
             rows.append(check(entry, compile=args.compile_all or entry.name in COMPILED))
         except Exception as error:  # noqa: BLE001 - the table records every failure
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            rows.append(Coverage(entry.name, "-", "-",
+            rows.append(Coverage(entry.label, "-", "-",
                                  f"FAILS: {type(error).__name__}: {first}"[:200], False))
         print(rows[-1], flush=True)
     text = table(rows)

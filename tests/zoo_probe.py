@@ -48,17 +48,17 @@ def main() -> None:
     n_ok = 0
     start = time.perf_counter()
     for entry in ZOO:
-        if wanted and entry.name not in wanted:
+        if wanted and not {entry.name, entry.label} & wanted:
             continue
         try:
             r = check(entry)
             params, fwd = f"{r['params']:,d}", f"{r['forward_s']:.2f}"
         except Exception as e:  # noqa: BLE001
-            print(f"{entry.name:44s} FORWARD FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            print(f"{entry.label:44s} FORWARD FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         result = probe_export(entry)
         n_ok += result == "ok"
-        print(f"{entry.name:44s} {params:>10s} {fwd:>6s}  {result}", flush=True)
+        print(f"{entry.label:44s} {params:>10s} {fwd:>6s}  {result}", flush=True)
     print(f"\n{n_ok}/{len(ZOO)} exported; {time.perf_counter() - start:.0f}s")
     if ZOO_SKIPPED and not wanted:
         print("\nskipped:")

@@ -18,21 +18,18 @@ Example:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.export.graph_signature import InputKind
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.graph import CodeGen
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from .errors import UnsupportedModelError
-from .meta import refresh_meta
+from .meta import DATA_DEPENDENT, refresh_meta
 from .opaque import CURRENT_UNIT, OpaqueModule, failing_module, opaque_modules
 
 __all__ = ["CapturedGraph", "StateAccessor", "capture", "call_signature", "block_of"]
@@ -151,13 +148,10 @@ def _fold_scalars(gm: GraphModule, inputs: list[torch.Tensor], user_inputs: set[
 def _refresh_static_meta(gm: GraphModule) -> None:
     """Recompute shapes; an op whose output shape depends on tensor values (after the
     scalars are folded) cannot be compiled with static shapes."""
-    by_name = {node.name: node for node in gm.graph.nodes}
     try:
         refresh_meta(gm)
-    except (DynamicOutputShapeException, DataDependentOutputException,
-            GuardOnDataDependentSymNode) as error:
-        found = re.search(r"While executing %(\w+)", str(error))
-        node = by_name.get(found.group(1)) if found else None
+    except DATA_DEPENDENT as error:
+        node = getattr(error, "failed_node", None)
         where = f"{node.name} ({node.target}) {block_of(node)}" if node else "an op"
         raise UnsupportedModelError(
             f"{where} has an output shape that depends on tensor values "

@@ -19,10 +19,9 @@ from collections import defaultdict
 import torch
 from tabulate import tabulate
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from .layout import CacheLayout
-from .meta import fake_inputs
+from .meta import fake_inputs, graph_flops
 from .schedule import Plan, Schedule, StepKind
 from .variants import DYNAMIC, StepGraph, build_step_graph, plan_shape
 
@@ -43,9 +42,7 @@ def step_flops(step_graph: StepGraph, by_op: bool = False,
             if sizes and slot in sizes:
                 inputs[i] = torch.empty(sizes[slot], dtype=inputs[i].dtype,
                                         device=inputs[i].device)
-    with mode, FlopCounterMode(display=False) as counter:
-        gm(*inputs)
-    return dict(counter.get_flop_counts()["Global"]) if by_op else counter.get_total_flops()
+    return graph_flops(gm, inputs, mode, by_op)
 
 
 class _Counter:

@@ -8,12 +8,20 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx import GraphModule
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from collections import Counter
 
-__all__ = ["fake_inputs", "refresh_meta"]
+import torch
+from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                            DynamicOutputShapeException, FakeTensorMode)
+from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._python_dispatch import _pop_mode_temporarily
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from tocache_fx.errors import UnsupportedModelError
+
+__all__ = ["fake_inputs", "graph_flops", "refresh_meta"]
 
 
 def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:
@@ -27,7 +35,83 @@ def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:
                 for v in vals]
 
 
+DATA_DEPENDENT = (DynamicOutputShapeException, DataDependentOutputException,
+                  GuardOnDataDependentSymNode)
+"""Fake-tensor failures of ops whose output shape depends on tensor values."""
+
+
+class _NamingFailures(FakeTensorProp):
+    """FakeTensorProp whose failures name the op and the module it was traced from
+    (data-dependent shapes, which callers explain, carry the node as `failed_node`)."""
+
+    extra_traceback = False
+
+    def run_node(self, node: torch.fx.Node):
+        try:
+            return super().run_node(node)
+        except DATA_DEPENDENT as error:
+            error.failed_node = node  # for the caller's message
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised saying what failed
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise UnsupportedModelError(
+                f"{_op_name(node.target)} in {_traced_from(node)} cannot run on fake tensors, "
+                f"which the rewritten graphs need ({type(error).__name__}: {first})") from error
+
+
+def _op_name(target: object) -> str:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+        return str(target)
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+
+
+def _traced_from(node: torch.fx.Node) -> str:
+    """The innermost module (path and class) `node` was traced in, from export's stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the captured module"
+    path, cls = list(stack.values())[-1]
+    name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+    return f"{path or 'the captured module'} ({name})"
+
+
 def refresh_meta(gm: GraphModule) -> None:
-    """Recompute `meta["val"]` (and check every shape) with fake tensors."""
+    """Recompute `meta["val"]` (and check every shape) with fake tensors; an op that cannot
+    run on them raises `UnsupportedModelError` naming it and its module."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs(gm, mode))
+    _NamingFailures(gm, mode).propagate_dont_convert_inputs(*fake_inputs(gm, mode))
+
+
+def graph_flops(gm: GraphModule, inputs: list[torch.Tensor], mode: FakeTensorMode,
+                by_op: bool = False) -> int | dict:
+    """FLOPs of one run of `gm` on the fake `inputs` (total, or per op), counted with
+    `FlopCounterMode`. A higher-order op that cannot run under the counter (eager flex
+    attention) runs beside it and is counted by torch's own formula for it."""
+    try:
+        with mode, FlopCounterMode(display=False) as counter:
+            gm(*inputs)
+        counts = dict(counter.get_flop_counts()["Global"])
+    except Exception:  # noqa: BLE001 - the counter's failure: count around the op
+        hops = _HopsBesideCounter(gm)
+        with mode, FlopCounterMode(display=False) as counter:
+            hops.run(*inputs)
+        counts = Counter(counter.get_flop_counts()["Global"]) + hops.flops
+    return counts if by_op else sum(counts.values())
+
+
+class _HopsBesideCounter(torch.fx.Interpreter):
+    """Runs higher-order ops with the (innermost) counter mode popped, adding their FLOPs
+    from `flop_registry`."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__(gm)
+        self.flops: Counter = Counter()
+
+    def call_function(self, target, args, kwargs):
+        if not isinstance(target, torch._ops.HigherOrderOperator):
+            return super().call_function(target, args, kwargs)
+        with _pop_mode_temporarily():
+            out = super().call_function(target, args, kwargs)
+        if target in flop_registry:
+            self.flops[target] += flop_registry[target](*args, **kwargs, out_val=out)
+        return out

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ from tocache_fx.passes.token_axis import main_stream, token_span
 from .blocks import find_blocks
 from .capture import CapturedGraph, StateAccessor, call_signature, capture
 from .errors import UnsupportedModelError
-from .meta import fake_inputs
+from .meta import fake_inputs, graph_flops
 from .watch import fingerprint
 
 __all__ = ["Unit", "Site", "Prepared", "prepare", "CaptureMode"]
@@ -200,8 +201,7 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
     handles = [module.register_forward_pre_hook(recorder(path), with_kwargs=True)
                for path, module in blocks]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*args, **kwargs)
+        flops = _run_counting_flops(model, args, kwargs, restart=recorded.clear)
     finally:
         for handle in handles:
             handle.remove()
@@ -213,17 +213,40 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
         call_args, call_kwargs = examples[example] if key not in seen else (None, None)
         seen.add(key)
         calls.append(_Call(path, module, key, call_args, call_kwargs))
-    return calls, counter.get_total_flops()
+    return calls, flops
+
+
+def _run_counting_flops(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+                        restart: Callable[[], None]) -> int:
+    """Run the model once and count its FLOPs. An op the counter cannot run (eager flex
+    attention, a higher-order op with no dispatch-mode rule) makes the count fail: the model
+    then runs again uncounted (`restart` called first) and 0 is returned (the glue's FLOPs are reported as 0; the blocks'
+    are counted per unit). Eager flex attention is kept off its `torch.compile` path while
+    counted: a compile failing under the counter's mode would stay cached by Dynamo and
+    break every later eager call."""
+    from torch.nn.attention import flex_attention
+
+    with torch.no_grad():
+        eager_flex = flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+        flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+        try:
+            with FlopCounterMode(display=False) as counter:
+                model(*args, **kwargs)
+            return counter.get_total_flops()
+        except Exception:  # noqa: BLE001 - a failure of the counter, or of the model itself
+            pass
+        finally:
+            flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = eager_flex
+        restart()
+        model(*args, **kwargs)  # raises the model's own error, if that is what it was
+        return 0
 
 
 def _unit_flops(unit: Unit) -> int:
     """FLOPs of one uncached call of the unit's graph, on fake tensors."""
     gm = unit.captured.graph_module
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = fake_inputs(gm, mode)
-    with mode, FlopCounterMode(display=False) as counter:
-        gm(*inputs)
-    return counter.get_total_flops()
+    return graph_flops(gm, fake_inputs(gm, mode), mode)
 
 
 def _sites(units: list[tuple[str, torch.nn.Module, Unit]], reindex_blocks: bool

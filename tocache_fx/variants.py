@@ -62,12 +62,18 @@ def _copy(base: GraphModule) -> GraphModule:
 
 
 def _is_impure(node: Node) -> bool:
-    """Only mutation makes a node impure here: eval-mode SDPA and dropout carry a
-    "seeded" tag that would otherwise keep every dead attention branch alive."""
+    """Mutation, and the calls that set interpreter state (grad mode, autocast, functorch's
+    vmap levels, which flex attention's traced masks enter and leave) make a node impure
+    here; eval-mode SDPA and dropout carry a "seeded" tag that would otherwise keep every
+    dead attention branch alive."""
     if node.op in ("placeholder", "output"):
         return True
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return node.op == "call_function" and (
+        target in torch.fx.node._side_effectful_functions
+        or getattr(target, "__module__", "") == "torch._functorch.predispatch")
 
 
 def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
