@@ -23,7 +23,10 @@ UNSUPPORTED = {"MochiTransformer3DModel"}  # a text-mask nonzero inside its atte
 # Compiled in CI too, for what they exercise: CogView3Plus' branch outputs are views of its
 # joint text+image sequence, and every graph reading a cache slot is compiled for one layout
 # (a slot's strides once changed between steps and recompiled).
-COMPILED_TOO = {"CogView3PlusTransformer2DModel"}
+# Kandinsky 6 SR's captured flex attention cannot be traced by Dynamo again: compiling is
+# refused with a clear error, and every check runs eagerly.
+COMPILED_TOO = {"CogView3PlusTransformer2DModel", "Kandinsky6SRTransformer3DModel"}
+COMPILE_REFUSED = {"Kandinsky6SRTransformer3DModel": "flex_attention in self_attention"}
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=[entry.label for entry in ZOO])
@@ -35,5 +38,8 @@ def test_zoo_model(entry):
         assert "(0 PARTIAL-able)" not in row.branches, row.branches
     if entry.name in UNSUPPORTED:
         assert row.status.startswith("not supported: "), row.status
+    elif compile and entry.name in COMPILE_REFUSED:
+        assert row.status.startswith(f"passes (not compiled: {COMPILE_REFUSED[entry.name]}"), \
+            row.status
     else:
         assert row.status == "passes", row.status

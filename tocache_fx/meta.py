@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tocache_fx.errors import UnsupportedModelError
 
-__all__ = ["fake_inputs", "graph_flops", "refresh_meta"]
+__all__ = ["fake_inputs", "graph_flops", "refresh_meta", "traced_from"]
 
 
 def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:
@@ -55,7 +55,7 @@ class _NamingFailures(FakeTensorProp):
         except Exception as error:  # noqa: BLE001 - re-raised saying what failed
             first = (str(error).strip().splitlines() or [""])[0][:200]
             raise UnsupportedModelError(
-                f"{_op_name(node.target)} in {_traced_from(node)} cannot run on fake tensors, "
+                f"{_op_name(node.target)} in {traced_from(node)} cannot run on fake tensors, "
                 f"which the rewritten graphs need ({type(error).__name__}: {first})") from error
 
 
@@ -65,7 +65,7 @@ def _op_name(target: object) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
 
 
-def _traced_from(node: torch.fx.Node) -> str:
+def traced_from(node: torch.fx.Node) -> str:
     """The innermost module (path and class) `node` was traced in, from export's stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:

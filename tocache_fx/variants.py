@@ -27,7 +27,8 @@ from tocache_fx.passes.skip_blocks import skip_blocks
 from tocache_fx.passes.state import GraphState
 
 from .layout import CacheLayout
-from .meta import refresh_meta
+from .errors import UnsupportedModelError
+from .meta import refresh_meta, traced_from
 from .schedule import Plan, StepKind
 
 __all__ = ["StepGraph", "build_step_graph", "plan_shape", "compile_step_graph", "DYNAMIC"]
@@ -96,9 +97,20 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
                      num_outputs, dict(state.examples))
 
 
+# Higher-order ops whose captured (exported) form Dynamo cannot trace again: exported
+# flex attention carries the mask and score buffers as two more arguments than Dynamo's
+# flex_attention takes ("too many values to unpack").
+NOT_RECOMPILABLE = (torch.ops.higher_order.flex_attention,)
+
+
 def compile_step_graph(step: StepGraph, mode: str | None) -> Any:
     """`step`'s graph compiled with inductor: static shapes, except each `ksize.b` or
     `prune.b` input whose length is the branch's token count (one graph for every k)."""
+    for node in step.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in NOT_RECOMPILABLE:
+            raise UnsupportedModelError(
+                f"{node.target} in {traced_from(node)}: torch.compile cannot trace the "
+                "captured op again; run this model with compile=False")
     compiled = torch.compile(step.graph_module, backend="inductor", fullgraph=True,
                              dynamic=False, mode=mode)
     dynamic = [(i, node.meta["tocache_max"]) for i, node in enumerate(
