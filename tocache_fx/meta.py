@@ -1,4 +1,4 @@
-"""Shape metadata of rewritten graphs, recomputed with fake tensors.
+"""Shape metadata of rewritten graphs, recomputed with fake tensors, and their FLOPs.
 
 Example:
     >>> refresh_meta(graph_module)            # doctest: +SKIP
@@ -90,12 +90,12 @@ def graph_flops(gm: GraphModule, inputs: list[torch.Tensor], mode: FakeTensorMod
     try:
         with mode, FlopCounterMode(display=False) as counter:
             gm(*inputs)
-        counts = dict(counter.get_flop_counts()["Global"])
+        counts = dict(counter.get_flop_counts().get("Global", {}))
     except Exception:  # noqa: BLE001 - the counter's failure: count around the op
         hops = _HopsBesideCounter(gm)
         with mode, FlopCounterMode(display=False) as counter:
             hops.run(*inputs)
-        counts = Counter(counter.get_flop_counts()["Global"]) + hops.flops
+        counts = Counter(counter.get_flop_counts().get("Global", {})) + hops.flops
     return counts if by_op else sum(counts.values())
 
 
