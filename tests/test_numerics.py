@@ -186,6 +186,20 @@ def test_explain_reports_branches_and_flops(dit):
     assert all(f < full for plan, f in flops["per_plan"].items() if plan[0] != 0)
 
 
+def test_graph_flops_of_a_graph_without_flop_ops_is_zero():
+    """A step graph with only elementwise ops (a REUSE step of a block without its own
+    linears) counts as 0 FLOPs; the counter then reports no "Global" entry at all."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tocache_fx.meta import graph_flops
+
+    gm = torch.fx.symbolic_trace(lambda x, cached: x + 0.5 * cached)
+    mode = FakeTensorMode()
+    inputs = [mode.from_tensor(torch.randn(2, 4, 8)) for _ in range(2)]
+    assert graph_flops(gm, inputs, mode) == 0
+    assert graph_flops(gm, inputs, mode, by_op=True) == {}
+
+
 def test_explain_counts_taylorseer_graphs(dit):
     """Forecast distances are data: one FULL and one FORECAST graph, whatever the steps."""
     model = cached(dit, TaylorSeer(interval=3, order=2, num_steps=STEPS))
