@@ -22,7 +22,8 @@ import torch
 
 import tocache_fx
 from tocache_fx import FORA, NoCache, TaylorSeer, ToCa
-from tocache_fx.variants import DYNAMIC, build_step_graph, compile_step_graph
+from tocache_fx.compiling import compile_step_graph
+from tocache_fx.variants import DYNAMIC, build_step_graph
 from tocache_fx.watch import fingerprint
 
 
@@ -131,7 +132,7 @@ def dynamic() -> None:
         feeds = {}
         for name, graph in graphs.items():
             feed = dict(slots, **{"ksize.1": torch.empty(k), "kvalid.1": torch.tensor(k)})
-            compiled = compile_step_graph(graph, None)
+            compiled = compile_step_graph(graph.graph_module, None)
             args = flat + [feed[n] for n in graph.reads]
             with torch.no_grad():
                 compiled(*args)

@@ -1,12 +1,16 @@
 """The compiled model: equal to eager, a bounded number of graphs shared by the blocks,
-no recompiles."""
+no recompiles; a static step graph run by inductor without Dynamo keeps Dynamo's checks."""
+
+import contextlib
 
 import pytest
 import torch
+from torch._dynamo.exc import RecompileError
 
 from conftest import denoise, dit_inputs, make_dit
 import tocache_fx
 from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
+from tocache_fx.compiling import DirectlyCompiled, compile_step_graph
 from tocache_fx.explain import schedule_flops
 
 STEPS = 20
@@ -44,9 +48,15 @@ def test_blocks_share_compiled_graphs_whatever_the_depth():
         torch._dynamo.utils.counters.clear()
         model = tocache_fx.transform(make_dit(depth), FORA(interval=3, num_steps=6))
         denoise(model, dit_inputs, 6)
-        counts[depth] = (model.num_compiled_graphs,
-                         torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        counts[depth] = (model.num_compiled_graphs, inductor_compilations())
     assert counts[2] == counts[6] == (2, 2)
+
+
+def inductor_compilations() -> int:
+    """Graphs inductor compiled (or loaded from its on-disk cache) in this process since
+    the counters were last cleared, through `torch.compile` or directly."""
+    counter = torch._dynamo.utils.counters["inductor"]
+    return sum(counter[f"fxgraph_cache_{kind}"] for kind in ("miss", "hit", "bypass"))
 
 
 def test_batch_one_slices_do_not_recompile():
@@ -61,3 +71,45 @@ def test_batch_one_slices_do_not_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = cp_worker.euler(cached, cp_worker.flux_inputs(), steps=4)
     assert torch.isfinite(out).all() and cached.num_compiled_graphs == 4
+
+
+def _affine(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor]:
+    return (torch.relu(x @ w) + 1,)
+
+
+def test_a_static_graph_runs_without_dynamo_while_its_inputs_and_state_match():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    run = compile_step_graph(torch.fx.symbolic_trace(_affine), None)
+    assert isinstance(run, DirectlyCompiled)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(run(x, w)[0], _affine(x, w)[0])
+        torch.testing.assert_close(run(x + 1, w)[0], _affine(x + 1, w)[0])
+    assert run.fallbacks == 0 and inductor_compilations() == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # Dynamo never ran
+
+
+@pytest.mark.parametrize("change", ["strides", "dtype", "shape", "grad mode", "autocast"])
+def test_a_call_that_fails_a_check_runs_through_torch_compile(change):
+    """Each check Dynamo's guards would make: the mismatching call is still right (Dynamo
+    compiles for it), and under `error_on_recompile` it raises instead."""
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    run = compile_step_graph(torch.fx.symbolic_trace(_affine), None)
+    with torch.no_grad():
+        run(x, w)
+    inputs = {"strides": (x.t().contiguous().t(), w), "dtype": (x.double(), w.double()),
+              "shape": (x[:2], w)}.get(change, (x, w))
+    state = {"grad mode": torch.enable_grad(),
+             "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}.get(change)
+    with torch.no_grad(), state or contextlib.nullcontext():
+        expected = _affine(*inputs)[0]
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(RecompileError):
+            run(*inputs)
+        torch.testing.assert_close(run(*inputs)[0], expected, rtol=2e-2, atol=2e-2)
+    assert run.fallbacks == 1
+
+
+def test_a_graph_with_a_run_time_token_count_goes_through_torch_compile():
+    graph = torch.fx.symbolic_trace(_affine)
+    next(iter(graph.graph.nodes)).meta.update(tocache_slot="ksize.0", tocache_max=8)
+    assert not isinstance(compile_step_graph(graph, None), DirectlyCompiled)

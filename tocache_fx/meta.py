@@ -1,4 +1,5 @@
-"""Shape metadata of rewritten graphs, recomputed with fake tensors, and their FLOPs.
+"""Shape metadata of rewritten graphs, recomputed with fake tensors, their FLOPs, and
+graph copies.
 
 Example:
     >>> refresh_meta(graph_module)            # doctest: +SKIP
@@ -13,7 +14,7 @@ from collections import Counter
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                             DynamicOutputShapeException, FakeTensorMode)
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import _pop_mode_temporarily
@@ -21,7 +22,18 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tocache_fx.errors import UnsupportedModelError
 
-__all__ = ["fake_inputs", "graph_flops", "refresh_meta", "traced_from"]
+__all__ = ["copy_graph_module", "fake_inputs", "graph_flops", "refresh_meta", "traced_from"]
+
+
+def copy_graph_module(base: GraphModule) -> GraphModule:
+    """A copy of `base` with its own graph (passes and compilers may rewrite it)."""
+    graph = Graph()
+    graph._codegen = base.graph._codegen
+    output = graph.graph_copy(base.graph, {})
+    graph.output(output)
+    copy = GraphModule(base, graph)
+    copy.meta.update(base.meta)
+    return copy
 
 
 def fake_inputs(gm: GraphModule, mode: FakeTensorMode) -> list[torch.Tensor]:

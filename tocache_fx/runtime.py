@@ -35,6 +35,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .capture import call_signature
+from .compiling import compile_step_graph
 from .errors import CacheStateError
 from .layout import CacheLayout, plan_layout
 from .opaque import CURRENT_UNIT
@@ -43,7 +44,7 @@ from .policies import Policy
 from .schedule import Plan, Schedule, StepKind, build_schedule
 from .steps import StepTracker, observe
 from .units import CaptureMode, Prepared, Site, prepare
-from .variants import StepGraph, build_step_graph, compile_step_graph, plan_shape
+from .variants import StepGraph, build_step_graph, plan_shape
 from .watch import fingerprint, registrations
 
 __all__ = ["CachedTransformer", "DEFAULT_NUM_STEPS"]
@@ -525,7 +526,7 @@ class CachedTransformer(torch.nn.Module):
         step = unit.step_graphs[key]
         compiled_key = key + (self.compile, self.compile_mode)
         if compiled_key not in unit.compiled:
-            unit.compiled[compiled_key] = compile_step_graph(step, self.compile_mode) \
+            unit.compiled[compiled_key] = compile_step_graph(step.graph_module, self.compile_mode) \
                 if self.compile else step.graph_module
         return step, unit.compiled[compiled_key]
 
