@@ -113,3 +113,15 @@ def test_a_graph_with_a_run_time_token_count_goes_through_torch_compile():
     graph = torch.fx.symbolic_trace(_affine)
     next(iter(graph.graph.nodes)).meta.update(tocache_slot="ksize.0", tocache_max=8)
     assert not isinstance(compile_step_graph(graph, None), DirectlyCompiled)
+
+
+def test_a_second_model_loads_its_step_graphs_from_the_on_disk_caches(dit, tmp_path, monkeypatch):
+    """What a second process does: the step graphs, ToCa's FULL graph with this package's
+    score op in it too, are loaded from AOTAutograd's and inductor's caches."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    denoise(tocache_fx.transform(dit, ToCa(num_steps=4)), dit_inputs, 4)
+    torch._dynamo.utils.counters.clear()
+    denoise(tocache_fx.transform(dit, ToCa(num_steps=4)), dit_inputs, 4)
+    aot, inductor = (torch._dynamo.utils.counters[k] for k in ("aot_autograd", "inductor"))
+    assert aot["autograd_cache_hit"] >= 2 and aot["autograd_cache_bypass"] == 0
+    assert inductor["fxgraph_cache_miss"] == inductor["fxgraph_cache_bypass"] == 0

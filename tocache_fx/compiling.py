@@ -11,6 +11,10 @@ guards would check is still checked at every call, in C++ (~3 us):
 * global state: grad mode, autocast, default dtype, thread count, deterministic and
   TF32 flags (Dynamo's `GlobalStateGuard`).
 
+The fake inputs it compiles on carry a shape environment and the package's own ops in
+the graph are marked cacheable (by a hash of their source), which inductor's and
+AOTAutograd's on-disk caches need: a second process loads the graphs.
+
 A call that fails a check runs the graph through `torch.compile`, which compiles for it
 (a recompile: under `torch._dynamo.config.error_on_recompile` it raises instead). Graphs
 with a run-time token count (`ksize.b`, `prune.b`, `keep` inputs: one graph for every
@@ -23,6 +27,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +51,21 @@ __all__ = ["compile_step_graph", "DirectlyCompiled", "NOT_RECOMPILABLE"]
 NOT_RECOMPILABLE = (torch.ops.higher_order.flex_attention,)
 
 _DYNAMIC_INPUTS = ("ksize.", "prune.", "keep")
+
+
+def _cacheable_functions(gm: GraphModule) -> dict[str, str]:
+    """This package's Python functions the graph calls (`tocache_fx.ops`), each keyed by
+    a hash of its module's source. Marked cacheable, they let AOTAutograd's on-disk cache
+    take the graph (it refuses unknown functions); a changed module changes the key."""
+    found = {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, types.FunctionType) and \
+                target.__module__.startswith("tocache_fx."):
+            source = inspect.getsource(sys.modules[target.__module__])
+            found[f"{target.__module__}.{target.__name__}"] = hashlib.sha256(
+                source.encode()).hexdigest()
+    return found
 
 
 def _dynamic_inputs(gm: GraphModule) -> list[tuple[int, int]]:
@@ -101,7 +124,8 @@ class DirectlyCompiled:
         # fake inputs with a shape environment: inductor's on-disk graph cache needs one
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in inputs]
-        options = {**torch._inductor.list_mode_options(self._mode or "default"), "size_asserts": True}
+        options = {**torch._inductor.list_mode_options(self._mode or "default"), "size_asserts": True,
+                   "unsafe_marked_cacheable_functions": _cacheable_functions(self._graph_module)}
         self._compiled = torch._inductor.compile(copy_graph_module(self._graph_module), fakes,
                                                  options=options)
         self._state = guards.GlobalStateGuard()
