@@ -32,7 +32,7 @@ from .errors import UnsupportedModelError
 from .meta import DATA_DEPENDENT, refresh_meta
 from .opaque import CURRENT_UNIT, OpaqueModule, failing_module, opaque_modules
 
-__all__ = ["CapturedGraph", "StateAccessor", "capture", "call_signature", "block_of"]
+__all__ = ["CapturedGraph", "StateAccessor", "capture", "call_signature", "has_signature", "block_of"]
 
 _DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 _SCALAR_READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
@@ -43,9 +43,25 @@ def call_signature(call: Any, spec: pytree.TreeSpec | None = None) -> tuple:
     structure, the shape/dtype/device of each tensor leaf and every other leaf's value
     (`call` may be given flattened: its leaves and `spec`)."""
     leaves, spec = (call, spec) if spec is not None else pytree.tree_flatten(call)
-    return (str(spec), tuple(
-        ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
-        else ("const", repr(leaf)) for leaf in leaves))
+    return (str(spec), tuple(map(_leaf_signature, leaves)))
+
+
+def _leaf_signature(leaf: Any) -> tuple:
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
+    return ("const", repr(leaf))
+
+
+def has_signature(leaves: list[Any], spec: pytree.TreeSpec, signature: tuple,
+                  known: list[pytree.TreeSpec]) -> bool:
+    """`call_signature(leaves, spec) == signature`, with the structure compared against
+    `known`, specs already found to match (a cheaper test than the spec's text)."""
+    if not any(spec == seen for seen in known):
+        if call_signature(leaves, spec) != signature:
+            return False
+        known.append(spec)
+        return True
+    return all(_leaf_signature(leaf) == expected for leaf, expected in zip(leaves, signature[1]))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .capture import call_signature
+from .capture import call_signature, has_signature
 from .compiling import compile_step_graph
 from .errors import CacheStateError
 from .layout import CacheLayout, plan_layout
@@ -442,7 +442,8 @@ class CachedTransformer(torch.nn.Module):
                 raise _ModelChanged
             generation.checked.add(site.index)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        if current.prepared.mode == "blocks" and call_signature(leaves, spec) != unit.signature:
+        if current.prepared.mode == "blocks" and not has_signature(leaves, spec, unit.signature,
+                                                                    unit.specs):
             raise CacheStateError(
                 f"{site.path} was called with other arguments than in the first call of this "
                 "signature (shapes, dtypes or constants changed inside the forward)")
