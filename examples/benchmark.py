@@ -12,6 +12,7 @@ the same model in the same process, FLOPs speedups from `tocache_fx.explain`.
     python examples/benchmark.py                          # both models, every setting
     python examples/benchmark.py --model dit --steps 20 --width 128
     python examples/benchmark.py --model dit --settings plain NoCache FORA   # a subset
+    python examples/benchmark.py --steady --repeats 5     # steady latency, interleaved
 
 On a GPU pass `--dtype bfloat16 --width 1152` (DiT-XL/2) or `--width 3072` (FLUX).
 """
@@ -19,6 +20,7 @@ On a GPU pass `--dtype bfloat16 --width 1152` (DiT-XL/2) or `--width 3072` (FLUX
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -92,46 +94,80 @@ def policy_for(name: str, kind: str, steps: int, model):
     }[name]()
 
 
-def run_one(args) -> dict:
-    """One setting in this process: compile time, graphs, steady latency, FLOPs."""
+def make_runner(setting: str, kind: str, model: torch.nn.Module, steps: int):
+    """`model` as one setting runs it: plain or regional `torch.compile`, or transformed."""
     import tocache_fx
-    from tocache_fx.explain import schedule_flops
 
+    if setting == "plain":
+        return torch.compile(model, fullgraph=True, dynamic=False)
+    if setting == "regional":
+        model.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        return model
+    capture = "model" if "model capture" in setting else "auto"
+    return tocache_fx.transform(model, policy_for(setting, kind, steps, model), capture=capture)
+
+
+def generation(runner, calls: list[dict], device: str) -> float:
+    """Seconds for one generation (the runner's cache reset first)."""
+    if hasattr(runner, "reset"):
+        runner.reset()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for kwargs in calls:
+            runner(**kwargs)
+    sync()
+    return time.perf_counter() - start
+
+
+def _setup(args) -> tuple[str, torch.dtype, torch.nn.Module, list[dict]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     model = make_model(args.model, args.width, dtype, device)
-    calls = make_inputs(args.model, model, args.steps, device, dtype)
-    if args.setting == "plain":
-        runner = torch.compile(model, fullgraph=True, dynamic=False)
-    elif args.setting == "regional":
-        model.compile_repeated_blocks(fullgraph=True, dynamic=False)
-        runner = model
-    else:
-        capture = "model" if "model capture" in args.setting else "auto"
-        runner = tocache_fx.transform(model, policy_for(args.setting, args.model, args.steps,
-                                                        model), capture=capture)
+    return device, dtype, model, make_inputs(args.model, model, args.steps, device, dtype)
 
-    def generation() -> float:
-        if hasattr(runner, "reset"):
-            runner.reset()
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            for kwargs in calls:
-                runner(**kwargs)
-        sync()
-        return time.perf_counter() - start
 
-    first = generation()
-    times = [generation() for _ in range(args.repeats)]
-    steady = statistics.median(times)
-    row = {"setting": args.setting, "compile_s": first - steady,
-           "steady_ms_per_step": 1000 * steady / args.steps}
-    if hasattr(runner, "num_compiled_graphs"):
-        row["graphs"] = runner.num_compiled_graphs
-        row["flops_speedup"] = schedule_flops(runner)["speedup"]
-    return row
+def _graph_row(runner) -> dict:
+    from tocache_fx.explain import schedule_flops
+
+    if not hasattr(runner, "num_compiled_graphs"):
+        return {}
+    return {"graphs": runner.num_compiled_graphs,
+            "flops_speedup": schedule_flops(runner)["speedup"]}
+
+
+def run_one(args) -> dict:
+    """One setting in this process: compile time, graphs, steady latency, FLOPs."""
+    device, _, model, calls = _setup(args)
+    runner = make_runner(args.setting, args.model, model, args.steps)
+    first = generation(runner, calls, device)
+    steady = statistics.median(generation(runner, calls, device) for _ in range(args.repeats))
+    return {"setting": args.setting, "compile_s": first - steady,
+            "steady_ms_per_step": 1000 * steady / args.steps, **_graph_row(runner)}
+
+
+def run_steady(args) -> list[dict]:
+    """Every setting in this process, generations interleaved across settings (round
+    after round), median of `--repeats`: the steady latencies to compare."""
+    device, _, model, calls = _setup(args)
+    runners = {setting: make_runner(setting, args.model, copy.deepcopy(model), args.steps)
+               for setting in args.settings}
+    for runner in runners.values():
+        generation(runner, calls, device)  # compiles
+    times: dict[str, list[float]] = {setting: [] for setting in runners}
+    for _ in range(args.repeats):
+        for setting, runner in runners.items():
+            times[setting].append(generation(runner, calls, device))
+    plain = statistics.median(times["plain"]) if "plain" in times else float("nan")
+    rows = []
+    for setting, runner in runners.items():
+        steady = statistics.median(times[setting])
+        row = {"model": args.model, "setting": setting, "steady_ms_per_step":
+               1000 * steady / args.steps, "vs_plain": plain / steady, **_graph_row(runner)}
+        row["latency_over_flops"] = row["vs_plain"] / row.get("flops_speedup", 1.0)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--steady", action="store_true",
+                        help="steady latency only: every setting in one process, interleaved")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -151,6 +189,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.one:
         print("ROW " + json.dumps(run_one(args)))
+        return
+    if args.steady:
+        rows = [row for kind in (("dit", "flux") if args.model == "both" else (args.model,))
+                for row in run_steady(argparse.Namespace(**{**vars(args), "model": kind}))]
+        print(tabulate([(r["model"], r["setting"], f"{r['steady_ms_per_step']:.1f}",
+                         f"{r['vs_plain']:.2f}x", f"{r.get('flops_speedup', 1.0):.2f}",
+                         f"{r['latency_over_flops']:.2f}") for r in rows],
+                       headers=("model", "setting", "steady ms/step", "vs plain",
+                                "FLOPs speedup", "latency / FLOPs"), tablefmt="github"))
+        if args.out:
+            with open(args.out, "w") as file:
+                json.dump(rows, file, indent=2)
         return
     rows = []
     for kind in (("dit", "flux") if args.model == "both" else (args.model,)):
