@@ -5,7 +5,7 @@ import torch
 
 from conftest import dit_inputs, make_dit
 import tocache_fx
-from tocache_fx import CacheStateError, ToCa, UnsupportedModelError
+from tocache_fx import CacheStateError, NoCache, ToCa, UnsupportedModelError
 
 
 def test_transform_rejects_training_mode():
@@ -58,3 +58,39 @@ def test_var_keyword_arguments_reach_the_model():
     model = tocache_fx.transform(module, ToCa(), compile=False)
     x = torch.randn(1, 4, 8)
     assert torch.equal(model(x, scale=torch.tensor(2.0)), module(x, scale=torch.tensor(2.0)))
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, scale):
+        return hidden_states + self.mlp(self.norm(hidden_states)) * scale
+
+
+class GlueWithHiddenState(torch.nn.Module):
+    """Its glue decides the blocks' arguments from attributes the call does not show."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.scale, self.tokens = 0.5, 4
+
+    def forward(self, hidden_states):
+        x = hidden_states[:, :self.tokens]
+        for block in self.blocks:
+            x = block(x, self.scale)
+        return x
+
+
+@pytest.mark.parametrize("change", ["scale", "tokens"])
+def test_a_block_called_with_other_arguments_than_captured_raises(change):
+    module = GlueWithHiddenState().eval()
+    model = tocache_fx.transform(module, NoCache(), compile=False)
+    x = torch.randn(1, 8, 8)
+    torch.testing.assert_close(model(x), module(x))  # the capture's call
+    torch.testing.assert_close(model(x), module(x))  # the same arguments again
+    setattr(module, change, {"scale": 2.0, "tokens": 6}[change])
+    with pytest.raises(CacheStateError, match="other arguments than in the first call"):
+        model(x)
