@@ -131,11 +131,11 @@ class DirectlyCompiled:
         self._state = guards.GlobalStateGuard()
 
     def _run_through_dynamo(self, inputs: Sequence[torch.Tensor]) -> Any:
-        names = [f"input {i}" for i in range(len(inputs))]
-        reason = self._state.reason() if not self._state.check() else \
-            self._inputs.check_verbose(*inputs, tensor_check_names=names)
         if self._dynamo is None:
             if torch._dynamo.config.error_on_recompile:
+                names = [f"input {i}" for i in range(len(inputs))]
+                reason = self._state.reason() if not self._state.check() else \
+                    self._inputs.check_verbose(*inputs, tensor_check_names=names)
                 raise RecompileError(f"a step graph compiled for other inputs: {reason}")
             self._dynamo = _through_dynamo(self._graph_module, self._mode, ())
         self.fallbacks += 1
