@@ -65,6 +65,24 @@ def _is_impure(node: Node) -> bool:
         or getattr(target, "__module__", "") == "torch._functorch.predispatch")
 
 
+def _dense_outputs(gm: GraphModule, num_outputs: int) -> None:
+    """Make the step's own outputs that are strided views (FLUX's single-stream block
+    returns its two streams as slices of one joint sequence) contiguous inside the graph,
+    where inductor writes them directly: the next block then takes them as they are
+    instead of copying them to the layout its graph is compiled for."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = list(output.args[0])
+    for i, value in enumerate(values[:num_outputs]):
+        val = value.meta.get("val") if isinstance(value, Node) else None
+        if isinstance(val, torch.Tensor) and not val.is_contiguous():
+            with gm.graph.inserting_before(output):
+                dense = gm.graph.call_function(torch.ops.aten.clone.default, (value,),
+                                               {"memory_format": torch.contiguous_format})
+            dense.meta["val"] = val.clone(memory_format=torch.contiguous_format)
+            values[i] = dense
+    output.args = (tuple(values),)
+
+
 def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
                      layout: CacheLayout) -> StepGraph:
     """Rewrite a copy of `base` for `plan` (a `plan_shape`) under `layout`."""
@@ -78,8 +96,9 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
         merge_pruned(gm, branches, plan, layout, state)
     state.finish()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    refresh_meta(gm)
+    _dense_outputs(gm, num_outputs)
     gm.graph.lint()
     gm.recompile()
-    refresh_meta(gm)
     return StepGraph(plan, gm, list(state.reads), list(state.writes), state.optional,
                      num_outputs, dict(state.examples))
