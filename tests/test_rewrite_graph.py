@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import dit_inputs, make_dit
-from tocache_fx import FORA, DuCa, TaylorSeer, ToCa, StepKind, build_schedule, ops
+from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa, StepKind, build_schedule, ops
 from tocache_fx.layout import plan_layout
 from tocache_fx.units import prepare
 from tocache_fx.variants import DYNAMIC, build_step_graph
@@ -242,3 +242,34 @@ def test_hidream_moe_runs_as_opaque_op_on_selected_tokens():
     calls = [n for n in step.graph_module.graph.nodes if n.target is OPAQUE_OP]
     assert len(calls) == 4
     assert all(n.meta["val"].shape[1] == b.num_tokens // 2 for n, b in zip(calls, moe))
+
+
+def test_block_outputs_that_are_views_are_returned_contiguous():
+    """FLUX's single-stream block returns its two streams as slices of one joint
+    sequence: the step graph writes them contiguous (the next block takes them without a
+    copy), with the eager block's values."""
+    from zoo import ZOO
+
+    entry = next(z for z in ZOO if z.name == "FluxTransformer2DModel")
+    inputs, model = entry.inputs(2, 0.5), entry.build()
+    prepared = prepare(model, ((), inputs), inputs, "blocks")
+    site = next(s for s in prepared.sites if s.path.startswith("single_transformer_blocks"))
+    unit = site.unit
+    captured = unit.captured.graph_module.graph.find_nodes(op="output")[0].args[0]
+    assert any(not n.meta["val"].is_contiguous() for n in captured)  # eager: two views
+    seen = {}
+    hook = site.module.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.setdefault("call", (args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    block_inputs = [*site.state(), *unit.captured.flatten(seen["call"])]
+    full = (int(StepKind.FULL),) + tuple(unit.tokens)
+    layout = plan_layout(NoCache(), build_schedule(NoCache(), unit.branches, 4), unit.branches)
+    step = build_step_graph(unit.captured.graph_module, unit.branches, full, layout)
+    with torch.no_grad():
+        want = unit.captured.graph_module(*block_inputs)
+        got = step.graph_module(*block_inputs)[:step.num_outputs]
+    for expected, output in zip(want, got):
+        assert output.is_contiguous()
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
