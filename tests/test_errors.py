@@ -75,22 +75,22 @@ class GlueWithHiddenState(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = torch.nn.ModuleList([Block(), Block()])
-        self.scale, self.tokens = 0.5, 4
+        self.scale, self.tokens, self.by_keyword = 0.5, 4, False
 
     def forward(self, hidden_states):
         x = hidden_states[:, :self.tokens]
         for block in self.blocks:
-            x = block(x, self.scale)
+            x = block(x, scale=self.scale) if self.by_keyword else block(x, self.scale)
         return x
 
 
-@pytest.mark.parametrize("change", ["scale", "tokens"])
+@pytest.mark.parametrize("change", ["scale", "tokens", "by_keyword"])
 def test_a_block_called_with_other_arguments_than_captured_raises(change):
     module = GlueWithHiddenState().eval()
     model = tocache_fx.transform(module, NoCache(), compile=False)
     x = torch.randn(1, 8, 8)
     torch.testing.assert_close(model(x), module(x))  # the capture's call
     torch.testing.assert_close(model(x), module(x))  # the same arguments again
-    setattr(module, change, {"scale": 2.0, "tokens": 6}[change])
+    setattr(module, change, {"scale": 2.0, "tokens": 6, "by_keyword": True}[change])
     with pytest.raises(CacheStateError, match="other arguments than in the first call"):
         model(x)

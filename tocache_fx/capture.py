@@ -32,7 +32,8 @@ from .errors import UnsupportedModelError
 from .meta import DATA_DEPENDENT, refresh_meta
 from .opaque import CURRENT_UNIT, OpaqueModule, failing_module, opaque_modules
 
-__all__ = ["CapturedGraph", "StateAccessor", "capture", "call_signature", "has_signature", "block_of"]
+__all__ = ["CapturedGraph", "StateAccessor", "capture", "call_leaves", "call_signature",
+           "has_signature", "block_of"]
 
 _DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 _SCALAR_READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
@@ -52,14 +53,30 @@ def _leaf_signature(leaf: Any) -> tuple:
     return ("const", repr(leaf))
 
 
-def has_signature(leaves: list[Any], spec: pytree.TreeSpec, signature: tuple,
-                  known: list[pytree.TreeSpec]) -> bool:
-    """`call_signature(leaves, spec) == signature`, with the structure compared against
-    `known`, specs already found to match (a cheaper test than the spec's text)."""
-    if not any(spec == seen for seen in known):
+_PLAIN_LEAVES = (torch.Tensor, type(None), bool, int, float, str)
+
+
+def call_leaves(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+    """The leaves of the call `(args, kwargs)` in pytree order and its structure: for a
+    call whose arguments are all tensors, None or plain scalars (a block call, mostly) a
+    tuple `(number of args, keyword names)`, which is cheaper to build and compare than
+    the `TreeSpec` that `pytree.tree_flatten` returns for any other call."""
+    values = (*args, *kwargs.values())
+    if all(type(value) in _PLAIN_LEAVES for value in values):
+        return list(values), (len(args), tuple(kwargs))
+    return pytree.tree_flatten((args, kwargs))
+
+
+def has_signature(leaves: list[Any], structure: Any, signature: tuple,
+                  known: list[Any], call: tuple[tuple, dict[str, Any]]) -> bool:
+    """`call_signature(call) == signature` for a call flattened by `call_leaves` into
+    `leaves` and `structure`, the structure compared against `known`, the structures
+    already found to match (a cheaper test than the spec's text)."""
+    if not any(structure == seen for seen in known):
+        spec = structure if isinstance(structure, pytree.TreeSpec) else pytree.tree_structure(call)
         if call_signature(leaves, spec) != signature:
             return False
-        known.append(spec)
+        known.append(structure)
         return True
     return all(_leaf_signature(leaf) == expected for leaf, expected in zip(leaves, signature[1]))
 

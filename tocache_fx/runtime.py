@@ -27,14 +27,14 @@ import dataclasses
 import inspect
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from .capture import call_signature, has_signature
+from .capture import call_leaves, call_signature, has_signature
 from .compiling import compile_step_graph
 from .errors import CacheStateError
 from .layout import CacheLayout, plan_layout
@@ -101,6 +101,7 @@ class _Step:
     coefficients: torch.Tensor | None  # per step forecast coefficients (TaylorSeer)
     listed: dict[tuple[int, int], torch.Tensor]  # (step, branch) -> tokens (TokenCache)
     locals: dict[int, tuple[CacheLayout, tuple]]  # per site: its layout and the layout's key
+    bound: dict[tuple[int, Plan], _BoundStep]  # per site and plan: its step graph
 
     def local(self, site: Site) -> tuple[CacheLayout, tuple]:
         if site.index not in self.locals:
@@ -110,14 +111,26 @@ class _Step:
 
 
 @dataclass
-class _Plan:
-    """What a schedule needs at run time, built once per generation length."""
+class _BoundStep:
+    """A site's step graph under one plan and what every call of it needs."""
 
+    graph: StepGraph
+    run: Callable[..., Any]
+    released: list[str]  # slots it overwrites without reading: released before it runs
+
+
+@dataclass
+class _Plan:
+    """What a schedule needs at run time, built once per generation length (it holds
+    `prepared`, whose id keys it, so the id cannot be reused while it lives)."""
+
+    prepared: Prepared
     schedule: Schedule
     layout: CacheLayout
     coefficients: torch.Tensor | None
     listed: dict[tuple[int, int], torch.Tensor]
     locals: dict[int, tuple[CacheLayout, tuple]] = field(default_factory=dict)
+    bound: dict[tuple[int, Plan], _BoundStep] = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("tocache_step",
@@ -277,7 +290,7 @@ class CachedTransformer(torch.nn.Module):
         plan = schedule.full_plan() if generation.fresh or generation.uncached \
             else schedule.plan(step)
         current = _Step(self, prepared, generation, step, plan, schedule, planned.layout,
-                        planned.coefficients, planned.listed, planned.locals)
+                        planned.coefficients, planned.listed, planned.locals, planned.bound)
         with torch.no_grad():
             if prepared.mode == "model":
                 result = self._run_site(current, prepared.sites[0], (), call)
@@ -409,7 +422,7 @@ class CachedTransformer(torch.nn.Module):
                 if layout.forecast_order else None
             listed = {key: tokens.to(prepared.device) for key, tokens in
                       self.policy.listed_tokens(prepared.branches, generation.num_steps).items()}
-            self._plans[key] = _Plan(schedule, layout, coefficients, listed)
+            self._plans[key] = _Plan(prepared, schedule, layout, coefficients, listed)
         return self._plans[key]
 
     # -- running sites ---------------------------------------------------------------
@@ -441,9 +454,9 @@ class CachedTransformer(torch.nn.Module):
                 self._model_changed()
                 raise _ModelChanged
             generation.checked.add(site.index)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if current.prepared.mode == "blocks" and not has_signature(leaves, spec, unit.signature,
-                                                                    unit.specs):
+        leaves, structure = call_leaves(args, kwargs)
+        if current.prepared.mode == "blocks" and not has_signature(
+                leaves, structure, unit.signature, unit.structures, (args, kwargs)):
             raise CacheStateError(
                 f"{site.path} was called with other arguments than in the first call of this "
                 "signature (shapes, dtypes or constants changed inside the forward)")
@@ -457,17 +470,15 @@ class CachedTransformer(torch.nn.Module):
             if unit.passthrough is not None:
                 return unit.captured.unflatten([inputs[i] for i in unit.passthrough])
             plan = (int(StepKind.PARTIAL),) + (0,) * len(unit.branches)
-        layout, key = current.local(site) if current.prepared.mode == "blocks" else \
-            (current.layout, current.layout.key())
-        step_graph, run = self._step_graph(unit, plan_shape(plan, unit.tokens), layout, key)
-        for name in step_graph.writes:  # overwritten: release before the step runs
-            if name not in step_graph.reads:
-                slots.pop(name, None)
+        bound = current.bound.get((site.index, plan)) or self._bind(current, site, plan)
+        step_graph = bound.graph
+        for name in bound.released:  # overwritten: release before the step runs
+            slots.pop(name, None)
         feeds = [self._feed(name, plan, step_graph, slots, current, site)
                  for name in step_graph.reads]
         token = CURRENT_UNIT.set(site.module)
         try:
-            outputs = run(*site.state(), *inputs, *feeds)
+            outputs = bound.run(*site.state(), *inputs, *feeds)
         finally:
             CURRENT_UNIT.reset(token)
         slots.update(zip(step_graph.writes, outputs[step_graph.num_outputs:]))
@@ -476,6 +487,16 @@ class CachedTransformer(torch.nn.Module):
                 site is current.prepared.sites[-1]:
             slots["stream"] = results
         return unit.captured.unflatten(results)
+
+    def _bind(self, current: _Step, site: Site, plan: Plan) -> _BoundStep:
+        """The step graph `site` runs under `plan` (kept for the rest of the schedule)."""
+        unit = site.unit
+        layout, key = current.local(site) if current.prepared.mode == "blocks" else \
+            (current.layout, current.layout.key())
+        step_graph, run = self._step_graph(unit, plan_shape(plan, unit.tokens), layout, key)
+        released = [name for name in step_graph.writes if name not in step_graph.reads]
+        bound = current.bound[(site.index, plan)] = _BoundStep(step_graph, run, released)
+        return bound
 
     def _feed(self, name: str, plan: Plan, step_graph: StepGraph, slots: dict[str, torch.Tensor],
               current: _Step, site: Site) -> torch.Tensor:

@@ -56,7 +56,7 @@ class Unit:
     passthrough: list[int] | None
     step_graphs: dict[tuple, Any] = field(default_factory=dict)
     compiled: dict[tuple, Any] = field(default_factory=dict)
-    specs: list[pytree.TreeSpec] = field(default_factory=list)  # call structures seen matching
+    structures: list[Any] = field(default_factory=list)  # call structures seen matching
 
     @property
     def tokens(self) -> list[int]:
