@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "shipped model")
     bench.add_argument("--model", choices=("dit", "flux"), default="dit",
                        help="the digits DiT (DDIM-50) or the FLUX-style model (Euler-28)")
-    bench.add_argument("--quick", action="store_true", help="a few settings, 20 samples")
+    bench.add_argument("--quick", action="store_true", help="a few settings, 10 samples")
     bench.add_argument("--per-class", type=int, default=None, help="samples per digit class")
     bench.add_argument("--repeats", type=int, default=None, help="timed generations per setting")
     bench.add_argument("--out", type=Path, default=Path("bench_out"))

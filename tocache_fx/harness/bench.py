@@ -197,7 +197,7 @@ def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | N
     """
     from tqdm.auto import tqdm
 
-    per_class = per_class or (2 if quick else 10)
+    per_class = per_class or (1 if quick else 10)
     repeats = repeats or (2 if quick else 3)
     spec = MODELS[model]
     network = spec.load()
@@ -226,7 +226,8 @@ def run_bench(quick: bool = True, per_class: int | None = None, repeats: int | N
     bar.close()
     judge = DigitsJudge()
     reference, base = images["uncached"], statistics.median(latency["uncached"])
-    base_flops = _generation_flops(spec, network, labels, spec.steps)
+    # every uncached step calls the model with the same shapes: one step's FLOPs x steps
+    base_flops = _generation_flops(spec, network, labels, 1) * spec.steps
     rows = []
     for name, (setting, denoiser) in runners.items():
         if setting.policy is not None:
