@@ -22,6 +22,7 @@ from tocache_fx.passes.attention_scores import attention_scores
 from tocache_fx.passes.cache_branches import DYNAMIC, cache_branches
 from tocache_fx.passes.find_branches import Branch
 from tocache_fx.passes.merge_pruned import merge_pruned
+from tocache_fx.passes.narrow_linears import narrow_linears
 from tocache_fx.passes.skip_blocks import skip_blocks
 from tocache_fx.passes.state import GraphState
 
@@ -96,6 +97,7 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
         merge_pruned(gm, branches, plan, layout, state)
     state.finish()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    narrow_linears(gm)
     refresh_meta(gm)
     _dense_outputs(gm, num_outputs)
     gm.graph.lint()
