@@ -94,6 +94,53 @@ def test_reuse_plan_removes_every_block_computation(capture):
 
 
 @pytest.mark.parametrize("capture", MODES)
+def test_reuse_plan_computes_only_the_gates_of_the_modulation(capture):
+    """adaLN-Zero's linear makes 6 chunks (shift, scale, gate of attention and MLP); a
+    REUSE step keeps the two gates, so each block's linear is narrowed to them."""
+    captured, branches, schedule, layout, _ = setup(FORA(interval=3), capture)
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
+    reuse = build_step_graph(captured.graph_module, branches, schedule.plan(1), layout)
+
+    def modulation(step):  # the linears of the blocks' adaLN (2-d, over the embedding)
+        return [n.meta["val"].shape[-1] for n in step.graph_module.graph.nodes
+                if n.target is aten.linear.default and n.meta["val"].dim() == 2
+                and "norm1.linear" in str(n.meta.get("nn_module_stack", ""))]
+
+    blocks = len({b.block_path for b in branches})
+    width = branches[0].skip.meta["val"].shape[-1]
+    assert modulation(full) == [6 * width] * blocks
+    assert modulation(reuse) == [width] * (2 * blocks)  # gate_msa, gate_mlp
+    # the blocks' chunks are gone (the final layer's shift and scale stay, whole model)
+    assert targets(reuse)[aten.chunk.default] == targets(full)[aten.chunk.default] - blocks
+
+
+def test_narrowed_linear_computes_the_chunks_it_keeps():
+    """`linear(x).chunk(6)` read at chunks 1, 2 and 5 becomes two linears on row slices
+    of the weight (chunks 1-2 and 5), with the same values."""
+    from tocache_fx.passes.narrow_linears import narrow_linears
+
+    class Modulation(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 6 * 4)
+
+        def forward(self, emb):
+            chunks = self.linear(emb).chunk(6, dim=-1)
+            return chunks[1] * chunks[2], chunks[5]
+
+    module, emb = Modulation(), torch.randn(3, 8)
+    gm = torch.export.export(module, (emb,)).module()
+    gm.graph.eliminate_dead_code()
+    assert narrow_linears(gm) == 1
+    gm.recompile()
+    linears = gm.graph.find_nodes(op="call_function", target=aten.linear.default)
+    assert len(linears) == 2
+    assert not gm.graph.find_nodes(op="call_function", target=aten.chunk.default)
+    for got, want in zip(gm(emb), module(emb)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("capture", MODES)
 def test_taylorseer_full_step_writes_differences_and_reuse_step_forecasts(capture):
     captured, branches, schedule, layout, _ = setup(TaylorSeer(interval=3, order=2), capture)
     cached = [f"cache.{b.index}" for b in branches]
