@@ -196,8 +196,8 @@ def _partial(gm: GraphModule, branch: Branch, k: int, by_name: dict[str, Node],
     count, valid = _token_count(branch, k, state)
     with gm.graph.inserting_before(consumer):
         idx = _tag(_select(branch, count, valid, skip, layout, state), "select", branch)
-    updated = _recompute(gm, branch, idx, count, branch.token_axes, branch.side_inputs,
-                         branch.bypass, branch.reused_attention, by_name, state)
+    _recompute(gm, branch, idx, count, branch.token_axes, branch.side_inputs, branch.bypass,
+               branch.reused_attention, by_name, state)
     if branch.index in layout.staleness:
         stale = state.read(f"stale.{branch.index}", _batch_tokens(branch))
         with gm.graph.inserting_before(consumer):

@@ -94,3 +94,25 @@ def test_a_block_called_with_other_arguments_than_captured_raises(change):
     setattr(module, change, {"scale": 2.0, "tokens": 6, "by_keyword": True}[change])
     with pytest.raises(CacheStateError, match="other arguments than in the first call"):
         model(x)
+
+
+class NumberAware(torch.nn.Module):
+    """Computes something else from a Python-number timestep than from a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, timestep):
+        scale = 2.0 if isinstance(timestep, (int, float)) else 1.0
+        return hidden_states + self.mlp(hidden_states) * scale * timestep
+
+
+def test_a_model_that_reads_a_number_timestep_otherwise_than_a_tensor_is_refused():
+    module = NumberAware().eval()
+    model = tocache_fx.transform(module, NoCache(), compile=False, capture="model")
+    x = torch.randn(1, 4, 8)
+    torch.testing.assert_close(model(x, torch.tensor(3.0)), module(x, torch.tensor(3.0)))
+    with pytest.raises(CacheStateError, match=r"\['timestep'\] given as a tensor than as a "
+                                              "Python number"):
+        model(x, 3.0)

@@ -338,9 +338,10 @@ class CachedTransformer(torch.nn.Module):
             ref = pytree.tree_leaves(self.original(**bound))
             out = pytree.tree_leaves(self.original(**call))
         if not all(torch.allclose(a, b) for a, b in zip(ref, out) if isinstance(a, torch.Tensor)):
+            numbers = sorted(name for name in bound if call[name] is not bound[name])
             raise CacheStateError(f"{type(self.original).__name__} computes something else from "
-                                  f"{sorted(as_tensors)} given as a tensor than as a Python "
-                                  "number: pass the timestep as a tensor")
+                                  f"{numbers} given as a tensor than as a Python number: pass "
+                                  "the timestep as a tensor")
 
     def _check_registrations(self) -> None:
         """After any submodule / parameter / buffer assignment: re-resolve where every
