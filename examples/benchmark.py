@@ -79,12 +79,12 @@ def make_inputs(kind: str, model, steps: int, device: str, dtype: torch.dtype):
 
 
 def policy_for(name: str, kind: str, steps: int, model):
-    import tocache_fx
+    """The policy of a setting (`name`, optionally suffixed " (model capture)")."""
     from tocache_fx import FORA, CachePredictor, DuCa, NoCache, TaylorSeer, ToCa, TokenCache
 
-    if name.startswith("NoCache"):
-        return NoCache()
+    name = name.removesuffix(" (model capture)")
     return {
+        "NoCache": NoCache,
         "FORA": lambda: FORA(interval=3, num_steps=steps),
         "TaylorSeer": lambda: TaylorSeer(interval=3, num_steps=steps),
         "ToCa": lambda: (ToCa.dit_ddim50 if kind == "dit" else ToCa.flux)(num_steps=steps),
