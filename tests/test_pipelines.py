@@ -160,6 +160,29 @@ def test_lora_and_replaced_modules_after_the_first_call_are_honoured():
     assert torch.equal(run(case, pipe), reference())
 
 
+def test_a_copy_under_another_policy_lets_go_of_captures_a_model_change_dropped():
+    """`with_policy` copies share captures: after one copy saw the model change and
+    captured again, the other copy's next call releases the old capture too."""
+    import gc
+    import weakref
+
+    from conftest import dit_inputs, make_dit
+
+    module = make_dit(2)
+    fora = tocache_fx.transform(module, FORA(interval=2, num_steps=4), compile=False)
+    toca = fora.with_policy(ToCa(num_steps=4))
+    inputs = dit_inputs(torch.randn(2, 4, 8, 8), 500)
+    fora(**inputs), toca(**inputs)
+    old = weakref.ref(fora.last_prepared())
+    mlp = module.transformer_blocks[0].ff.net[2]
+    module.transformer_blocks[0].ff.net[2] = torch.nn.Linear(mlp.in_features, mlp.out_features,
+                                                             bias=False)  # another graph
+    fora.reset(), toca.reset()
+    fora(**inputs), toca(**inputs)
+    gc.collect()
+    assert old() is None
+
+
 def test_dtype_round_trip_reads_the_current_weights_and_buffers():
     case = PIPELINES["flux"]
     pipe = tocache_fx.transform(case.build(), NoCache(), compile=False)

@@ -414,6 +414,8 @@ class CachedTransformer(torch.nn.Module):
     def _schedule(self, prepared: Prepared, generation: _Generation) -> _Plan:
         key = (id(prepared), generation.num_steps, generation.cfg_halves)
         if key not in self._plans:
+            live = {id(p) for p in self._shared.prepared.values()}  # captures another copy dropped
+            self._plans = {k: v for k, v in self._plans.items() if k[0] in live}
             self.policy.check(type(self.original).__name__, prepared.branches)
             schedule = build_schedule(self.policy, prepared.branches, generation.num_steps)
             layout = plan_layout(self.policy, schedule, prepared.branches, prepared.grid,
