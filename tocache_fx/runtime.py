@@ -88,29 +88,6 @@ class _Generation:
 
 
 @dataclass
-class _Step:
-    """What the current call runs (block dispatch reads it)."""
-
-    runtime: CachedTransformer
-    prepared: Prepared
-    generation: _Generation
-    step: int
-    plan: Plan
-    schedule: Schedule
-    layout: CacheLayout
-    coefficients: torch.Tensor | None  # per step forecast coefficients (TaylorSeer)
-    listed: dict[tuple[int, int], torch.Tensor]  # (step, branch) -> tokens (TokenCache)
-    locals: dict[int, tuple[CacheLayout, tuple]]  # per site: its layout and the layout's key
-    bound: dict[tuple[int, Plan], _BoundStep]  # per site and plan: its step graph
-
-    def local(self, site: Site) -> tuple[CacheLayout, tuple]:
-        if site.index not in self.locals:
-            layout = self.layout.local(site.branch_range)
-            self.locals[site.index] = (layout, layout.key())
-        return self.locals[site.index]
-
-
-@dataclass
 class _BoundStep:
     """A site's step graph under one plan and what every call of it needs."""
 
@@ -127,10 +104,32 @@ class _Plan:
     prepared: Prepared
     schedule: Schedule
     layout: CacheLayout
-    coefficients: torch.Tensor | None
-    listed: dict[tuple[int, int], torch.Tensor]
-    locals: dict[int, tuple[CacheLayout, tuple]] = field(default_factory=dict)
-    bound: dict[tuple[int, Plan], _BoundStep] = field(default_factory=dict)
+    coefficients: torch.Tensor | None  # per step forecast coefficients (TaylorSeer)
+    listed: dict[tuple[int, int], torch.Tensor]  # (step, branch) -> tokens (TokenCache)
+    locals: dict[int, tuple[CacheLayout, tuple]] = field(default_factory=dict)  # per site
+    bound: dict[tuple[int, Plan], _BoundStep] = field(default_factory=dict)  # (site, plan)
+
+    def local(self, site: Site) -> tuple[CacheLayout, tuple]:
+        """The layout of `site`'s branches and the layout's key."""
+        if site.index not in self.locals:
+            layout = self.layout.local(site.branch_range)
+            self.locals[site.index] = (layout, layout.key())
+        return self.locals[site.index]
+
+
+@dataclass
+class _Step:
+    """What the current call runs (block dispatch reads it)."""
+
+    runtime: CachedTransformer
+    planned: _Plan
+    generation: _Generation
+    step: int
+    plan: Plan
+
+    @property
+    def prepared(self) -> Prepared:
+        return self.planned.prepared
 
 
 _ACTIVE: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("tocache_step",
@@ -289,8 +288,7 @@ class CachedTransformer(torch.nn.Module):
         schedule, step = planned.schedule, generation.tracker.step
         plan = schedule.full_plan() if generation.fresh or generation.uncached \
             else schedule.plan(step)
-        current = _Step(self, prepared, generation, step, plan, schedule, planned.layout,
-                        planned.coefficients, planned.listed, planned.locals, planned.bound)
+        current = _Step(self, planned, generation, step, plan)
         with torch.no_grad():
             if prepared.mode == "model":
                 result = self._run_site(current, prepared.sites[0], (), call)
@@ -473,7 +471,7 @@ class CachedTransformer(torch.nn.Module):
             if unit.passthrough is not None:
                 return unit.captured.unflatten([inputs[i] for i in unit.passthrough])
             plan = (int(StepKind.PARTIAL),) + (0,) * len(unit.branches)
-        bound = current.bound.get((site.index, plan)) or self._bind(current, site, plan)
+        bound = current.planned.bound.get((site.index, plan)) or self._bind(current, site, plan)
         step_graph = bound.graph
         for name in bound.released:  # overwritten: release before the step runs
             slots.pop(name, None)
@@ -486,7 +484,7 @@ class CachedTransformer(torch.nn.Module):
             CURRENT_UNIT.reset(token)
         slots.update(zip(step_graph.writes, outputs[step_graph.num_outputs:]))
         results = list(outputs[:step_graph.num_outputs])
-        if current.layout.stream and current.prepared.mode == "blocks" and \
+        if current.planned.layout.stream and current.prepared.mode == "blocks" and \
                 site is current.prepared.sites[-1]:
             slots["stream"] = results
         return unit.captured.unflatten(results)
@@ -494,11 +492,12 @@ class CachedTransformer(torch.nn.Module):
     def _bind(self, current: _Step, site: Site, plan: Plan) -> _BoundStep:
         """The step graph `site` runs under `plan` (kept for the rest of the schedule)."""
         unit = site.unit
-        layout, key = current.local(site) if current.prepared.mode == "blocks" else \
-            (current.layout, current.layout.key())
+        planned = current.planned
+        layout, key = planned.local(site) if current.prepared.mode == "blocks" else \
+            (planned.layout, planned.layout.key())
         step_graph, run = self._step_graph(unit, plan_shape(plan, unit.tokens), layout, key)
         released = [name for name in step_graph.writes if name not in step_graph.reads]
-        bound = current.bound[(site.index, plan)] = _BoundStep(step_graph, run, released)
+        bound = planned.bound[(site.index, plan)] = _BoundStep(step_graph, run, released)
         return bound
 
     def _feed(self, name: str, plan: Plan, step_graph: StepGraph, slots: dict[str, torch.Tensor],
@@ -512,13 +511,15 @@ class CachedTransformer(torch.nn.Module):
         if name.startswith("kvalid."):  # the tokens really chosen (k = 1 runs as 2)
             return self._count(device, name, plan[1 + int(name.split(".")[1])])
         if name.startswith("prune."):  # the tokens the policy lists for this step
-            return current.listed[(current.step, site.first_branch + int(name.split(".")[1]))]
+            return current.planned.listed[(current.step,
+                                           site.first_branch + int(name.split(".")[1]))]
         if name == "keep":  # the block's kept image tokens (TokenCache's merge)
-            return current.listed[(current.step, ("keep", site.index))]
+            return current.planned.listed[(current.step, ("keep", site.index))]
         if name == "forecast":
-            return current.coefficients[current.step] if not generation.fresh and \
-                current.step < current.schedule.num_steps else \
-                torch.zeros_like(current.coefficients[0])
+            coefficients = current.planned.coefficients
+            return coefficients[current.step] if not generation.fresh and \
+                current.step < current.planned.schedule.num_steps else \
+                torch.zeros_like(coefficients[0])
         if name in slots:
             return slots[name]
         if name in step_graph.optional:
