@@ -132,6 +132,8 @@ class CapturedGraph:
         return [leaves[i] for i in self.tensor_leaves]
 
     def unflatten(self, outputs: list[torch.Tensor]) -> Any:
+        if self.output_spec.is_leaf():  # a block returning one tensor: no pytree call
+            return outputs[0]
         return pytree.tree_unflatten(list(outputs), self.output_spec)
 
 
