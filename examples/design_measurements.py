@@ -1,6 +1,6 @@
 """The measurements behind the choices in docs/design.md, on this machine.
 
-    python examples/design_measurements.py [--threads 1] [--only staleness dynamic taylor capture]
+    python examples/design_measurements.py [--threads 1] [--only staleness dynamic taylor capture dispatch]
 
 * staleness: what the stale-capture check costs per call (and per generation) against
   a REUSE step of DiT-B/2 (12 blocks, 768 wide, 256 tokens, CFG batch 2);
@@ -9,7 +9,10 @@
 * taylor: TaylorSeer's forecast with its coefficients as a graph input against the
   same coefficients baked in as constants;
 * capture: steady ms per step of block capture, whole-model capture and plain
-  `torch.compile`, interleaved, on the shipped digits DiT and on DiT-B/2.
+  `torch.compile`, interleaved, on the shipped digits DiT and on DiT-B/2;
+* dispatch: at DiT-XL/2 depth, 128 wide (the compile benchmark's DiT), `NoCache` with
+  block capture against plain `torch.compile` and against its own 28 compiled block
+  graphs called back to back on one step's inputs (no glue, no per-block dispatch).
 """
 
 from __future__ import annotations
@@ -209,9 +212,51 @@ def capture() -> None:
             f"{k} {v / len(steps) * 1e3:.2f} ms/step ({v / base:.3f}x)" for k, v in result.items()))
 
 
+def dispatch() -> None:
+    from benchmark import make_inputs, make_model  # examples/benchmark.py
+
+    from tocache_fx.runtime import _dense
+
+    model = make_model("dit", 128, torch.float32, "cpu")
+    steps = make_inputs("dit", model, 20, "cpu", torch.float32)
+    plain = torch.compile(model, fullgraph=True, dynamic=False)
+    blocks = tocache_fx.transform(model, NoCache(), capture="blocks")
+    generation(blocks, steps)()
+    first = {}
+    hook = model.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: first.update(call=(args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(**steps[0])
+    hook.remove()
+    sites = blocks.last_prepared().sites
+    (planned,) = blocks._plans.values()
+    graphs = [planned.bound[key].run for key in sorted(planned.bound)]  # one per site
+    inputs = [_dense(t) for t in sites[0].unit.captured.flatten(first["call"])]
+    hidden = next(i for i, t in enumerate(inputs) if t.dim() == 3)
+    states = [site.state() for site in sites]
+
+    def block_graphs() -> None:
+        with torch.no_grad():
+            for _ in steps:
+                feed = list(inputs)
+                for graph, state in zip(graphs, states):
+                    feed[hidden] = graph(*state, *feed)[0]
+
+    runs = {"plain torch.compile": generation(plain, steps), "NoCache (blocks)":
+            generation(blocks, steps), f"its {len(graphs)} block graphs alone": block_graphs}
+    for run in runs.values():
+        run()
+    result = interleaved(runs, repeats=5)
+    base = result["plain torch.compile"]
+    print("dispatch, DiT 28 x 128: " + ", ".join(
+        f"{k} {v / len(steps) * 1e3:.1f} ms/step ({base / v:.3f}x plain)"
+        for k, v in result.items()))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=["staleness", "dynamic", "taylor", "capture"])
+    parser.add_argument("--only", nargs="*",
+                        default=["staleness", "dynamic", "taylor", "capture", "dispatch"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
