@@ -125,3 +125,27 @@ def test_a_second_model_loads_its_step_graphs_from_the_on_disk_caches(dit, tmp_p
     aot, inductor = (torch._dynamo.utils.counters[k] for k in ("aot_autograd", "inductor"))
     assert aot["autograd_cache_hit"] >= 2 and aot["autograd_cache_bypass"] == 0
     assert inductor["fxgraph_cache_miss"] == inductor["fxgraph_cache_bypass"] == 0
+
+
+@pytest.mark.parametrize("call", [
+    ((torch.ones(2), None), {"scale": 1.0}),
+    ((torch.ones(2),), {"rotary": (torch.ones(3), torch.zeros(3)), "mask": None}),
+    ((), {"rotary": (torch.ones(3),), "extra": [torch.ones(1)]}),
+    ((), {"nested": ((torch.ones(1),), torch.ones(2))}),
+], ids=["plain", "tuple", "list", "nested"])
+def test_block_call_flattening_agrees_with_pytree(call):
+    """The fast flattening of a block call gives pytree's leaves, and its signature
+    test answers as `call_signature` does, for the call and for a changed one."""
+    from torch.utils import _pytree as pytree
+    from tocache_fx.capture import call_leaves, call_signature, has_signature
+
+    args, kwargs = call
+    leaves, structure = call_leaves(args, kwargs)
+    assert all(a is b for a, b in zip(leaves, pytree.tree_leaves(call), strict=True))
+    signature, known = call_signature(call), []
+    assert has_signature(leaves, structure, signature, known, call)
+    assert has_signature(leaves, structure, signature, known, call)  # structure now known
+    changed = pytree.tree_map(lambda leaf: leaf[:1] if isinstance(leaf, torch.Tensor) and
+                              leaf.shape[0] > 1 else leaf, call)
+    if call_signature(changed) != signature:
+        assert not has_signature(*call_leaves(*changed), signature, known, changed)

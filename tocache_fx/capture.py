@@ -60,10 +60,24 @@ def call_leaves(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
     """The leaves of the call `(args, kwargs)` in pytree order and its structure: for a
     call whose arguments are all tensors, None or plain scalars (a block call, mostly) a
     tuple `(number of args, keyword names)`, which is cheaper to build and compare than
-    the `TreeSpec` that `pytree.tree_flatten` returns for any other call."""
+    the `TreeSpec` that `pytree.tree_flatten` returns for any other call. One level of
+    tuples of such leaves (FLUX's rotary `(cos, sin)`) is flattened the same way, its
+    lengths added to the structure."""
     values = (*args, *kwargs.values())
     if all(type(value) in _PLAIN_LEAVES for value in values):
         return list(values), (len(args), tuple(kwargs))
+    if all(type(value) in _PLAIN_LEAVES or type(value) is tuple and
+           all(type(item) in _PLAIN_LEAVES for item in value) for value in values):
+        leaves: list[Any] = []
+        lengths = []
+        for value in values:
+            if type(value) is tuple:
+                leaves.extend(value)
+                lengths.append(len(value))
+            else:
+                leaves.append(value)
+                lengths.append(None)
+        return leaves, (len(args), tuple(kwargs), tuple(lengths))
     return pytree.tree_flatten((args, kwargs))
 
 

@@ -27,6 +27,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Node
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 from torch.utils.flop_counter import FlopCounterMode
 
 from tocache_fx.passes.find_branches import Branch, find_branches
@@ -178,8 +179,9 @@ class _Call:
 
 
 def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], args: tuple,
-           kwargs: dict[str, Any]) -> list[_Call]:
-    """Run the model once and record every block call (keys, and arguments per new key).
+           kwargs: dict[str, Any]) -> tuple[list[_Call], int]:
+    """Run the model once and record every block call (keys, and arguments per new key),
+    and count the FLOPs of the glue around them.
     A key's fingerprint is taken after the run: hooks that fill state lazily at their first
     call (diffusers' context-parallel split hooks cache argument indices) are seen filled,
     as every later call sees them. Arguments are kept once per (class, fingerprint before
@@ -202,7 +204,8 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
     handles = [module.register_forward_pre_hook(recorder(path), with_kwargs=True)
                for path, module in blocks]
     try:
-        flops = _run_counting_flops(model, args, kwargs, restart=recorded.clear)
+        flops = _run_counting_flops(model, args, kwargs, restart=recorded.clear,
+                                    uncounted=[module for _, module in blocks])
     finally:
         for handle in handles:
             handle.remove()
@@ -218,33 +221,50 @@ def _probe(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], ar
 
 
 def _run_counting_flops(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
-                        restart: Callable[[], None]) -> int:
-    """Run the model once and count its FLOPs. An op the counter cannot run (eager flex
-    attention, a higher-order op with no dispatch-mode rule) makes the count fail: the model
-    then runs again uncounted (`restart` called first) and 0 is returned (the glue's FLOPs are reported as 0; the blocks'
-    are counted per unit). Eager flex attention is kept off its `torch.compile` path while
-    counted: a compile failing under the counter's mode would stay cached by Dynamo and
-    break every later eager call."""
+                        restart: Callable[[], None], uncounted: list[torch.nn.Module]) -> int:
+    """Run the model once and count the FLOPs of its glue: the `uncounted` modules (the
+    blocks, whose FLOPs are counted per step graph) run with the counter's mode popped,
+    so the probe costs little more than an eager call. An op the counter cannot run
+    (eager flex attention, a higher-order op with no dispatch-mode rule) makes the count
+    fail: the model then runs again uncounted (`restart` called first) and 0 is
+    returned. Eager flex attention is kept off its `torch.compile` path while counted: a
+    compile failing under the counter's mode would stay cached by Dynamo and break every
+    later eager call."""
     from torch.nn.attention import flex_attention
 
+    counter = FlopCounterMode(display=False)
+
+    def outside_counter(module: torch.nn.Module) -> Callable[..., Any]:
+        def call(*call_args: Any, **call_kwargs: Any) -> Any:
+            if _get_current_dispatch_mode() is not counter.mode:  # another mode on top
+                return module._call_impl(*call_args, **call_kwargs)
+            with _pop_mode_temporarily():
+                return module._call_impl(*call_args, **call_kwargs)
+        return call
+
+    previous = [module.__dict__.get("_compiled_call_impl") for module in uncounted]
     with torch.no_grad():
         eager_flex = flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
         flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+        for module in uncounted:
+            module.__dict__["_compiled_call_impl"] = outside_counter(module)
         try:
-            with FlopCounterMode(display=False) as counter:
+            with counter:
                 model(*args, **kwargs)
             return counter.get_total_flops()
         except Exception:  # noqa: BLE001 - a failure of the counter, or of the model itself
             pass
         finally:
             flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = eager_flex
+            for module, call in zip(uncounted, previous):
+                module.__dict__["_compiled_call_impl"] = call
         restart()
         model(*args, **kwargs)  # raises the model's own error, if that is what it was
         return 0
 
 
 def _unit_flops(unit: Unit) -> int:
-    """FLOPs of one uncached call of the unit's graph, on fake tensors."""
+    """FLOPs of one call of the unit's graph, on fake tensors."""
     gm = unit.captured.graph_module
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     return graph_flops(gm, fake_inputs(gm, mode), mode)
@@ -281,9 +301,9 @@ def prepare(model: torch.nn.Module, probe: tuple[tuple, dict[str, Any]], call: d
                                     "modules of one class): use capture='model'")
     placed: list[tuple[str, torch.nn.Module, Unit]] = []
     units: dict[tuple, Unit] = {}
-    total_flops = 0
+    glue_flops = 0
     if blocks:
-        calls, total_flops = _probe(model, blocks, args, kwargs)
+        calls, glue_flops = _probe(model, blocks, args, kwargs)
         for record in calls:
             if record.key not in units:
                 captured = capture(record.module, record.args, record.kwargs,
@@ -293,6 +313,8 @@ def prepare(model: torch.nn.Module, probe: tuple[tuple, dict[str, Any]], call: d
                                          _passthrough(captured, found))
             if units[record.key].branches:
                 placed.append((record.path, record.module, units[record.key]))
+            else:  # runs eagerly, as glue
+                glue_flops += _unit_flops(units[record.key])
         if len({id(module) for _, module, _ in placed}) != len(placed):
             raise UnsupportedModelError(f"{name} calls one block more than once per forward; "
                                         "use capture='model'")
@@ -310,9 +332,5 @@ def prepare(model: torch.nn.Module, probe: tuple[tuple, dict[str, Any]], call: d
     sites, branches = _sites(placed, reindex_blocks=mode == "blocks")
     skip = branches[0].skip.meta["val"]
     grid = _token_grid(call, getattr(model, "config", None), skip.shape[1])
-    glue = 0
-    if mode == "blocks":
-        per_unit = {id(unit): _unit_flops(unit) for unit in {id(s.unit): s.unit for s in sites}.values()}
-        glue = total_flops - sum(per_unit[id(site.unit)] for site in sites)
     return Prepared(mode, call_signature(call), sites, branches, grid, device,
-                    list(units.values()), max(0, glue))
+                    list(units.values()), glue_flops if mode == "blocks" else 0)
