@@ -230,3 +230,20 @@ def test_python_number_timesteps_capture_once(capture):
     assert len(cached._shared.prepared) == 1  # one capture for every value
     assert torch.equal(outputs[0], model(x, timestep=999))
     assert cached._generations["default"].kinds == [0, 1] * 5
+
+
+def test_blocks_the_user_compiled_stay_compiled():
+    """A block's own `.compile()` (what `compile_repeated_blocks` sets) is back in place
+    after every transformed call: ours serves the block only while a step runs."""
+    from conftest import denoise, dit_inputs, make_dit
+
+    model = make_dit()
+    with torch.no_grad():
+        reference = denoise(model, dit_inputs, 4)
+    for block in model.transformer_blocks:
+        block.compile(backend="eager")
+    compiled = [block._compiled_call_impl for block in model.transformer_blocks]
+    cached = tocache_fx.transform(model, NoCache(), compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(denoise(cached, dit_inputs, 4), reference)
+    assert [block._compiled_call_impl for block in model.transformer_blocks] == compiled

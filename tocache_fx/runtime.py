@@ -431,13 +431,14 @@ class CachedTransformer(torch.nn.Module):
         """Run the model's forward with every block call served by its step graph."""
         sites = current.prepared.sites
         token = _ACTIVE.set(current)
+        previous = [site.module.__dict__.get("_compiled_call_impl") for site in sites]
         for site in sites:
             site.module.__dict__["_compiled_call_impl"] = _dispatcher(site)
         try:
             return self.original(*args, **kwargs)
         finally:
-            for site in sites:
-                site.module.__dict__.pop("_compiled_call_impl", None)
+            for site, call in zip(sites, previous):  # a block's own `.compile()` kept
+                site.module.__dict__["_compiled_call_impl"] = call
             _ACTIVE.reset(token)
 
     def _site_plan(self, current: _Step, site: Site) -> Plan:
