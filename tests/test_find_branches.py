@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import dit_inputs, make_dit, pixart_inputs
+from conftest import dit_inputs, pixart_inputs
 from tocache_fx import UnsupportedModelError
 from tocache_fx.capture import capture
 from tocache_fx.passes.find_branches import find_branches

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import denoise, dit_inputs, make_dit, pixart_inputs
+from conftest import denoise, dit_inputs, pixart_inputs
 import tocache_fx
 from tocache_fx import FORA, DuCa, NoCache, TaylorSeer, ToCa
 from tocache_fx.explain import schedule_flops

@@ -11,7 +11,6 @@ scale that model's pipeline passes. Inputs are deterministic (fixed generators).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel, FluxTransformer2DModel
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "dit-digits"
 NOISE_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -165,15 +165,13 @@ FluxCallable = Callable[..., tuple[torch.Tensor, ...]]
 pooled_projections=..., timestep=..., img_ids=..., txt_ids=..., return_dict=False)``."""
 
 
-def load_flux_digits(device: torch.device | str = "cpu") -> "FluxTransformer2DModel":  # noqa: F821
+def load_flux_digits(device: torch.device | str = "cpu") -> FluxTransformer2DModel:
     """Load the shipped tiny FLUX-style digits transformer (EMA weights) in eval mode.
 
     >>> model = load_flux_digits()
     >>> model.config.in_channels, model.config.num_layers, model.config.num_single_layers
     (4, 2, 4)
     """
-    from diffusers import FluxTransformer2DModel
-
     return FluxTransformer2DModel.from_pretrained(FLUX_MODEL_DIR, low_cpu_mem_usage=False).to(device).eval()
 
 
