@@ -247,3 +247,37 @@ def test_blocks_the_user_compiled_stay_compiled():
     with torch.no_grad():
         torch.testing.assert_close(denoise(cached, dit_inputs, 4), reference)
     assert [block._compiled_call_impl for block in model.transformer_blocks] == compiled
+
+
+class _PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class ModeAroundBlocks(NumberTimestep):
+    """Glue that runs its blocks under a dispatch mode of its own."""
+
+    def forward(self, hidden_states, timestep):
+        x = hidden_states + self.time(timestep.float().view(-1, 1))[:, None]
+        with _PassThroughMode():
+            for block in self.blocks:
+                x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("model", [NumberTimestep, ModeAroundBlocks])
+def test_uncached_flops_equal_a_counted_run(model):
+    """`explain`'s FLOPs of an uncached step equal FlopCounterMode around the model,
+    also where the glue's own mode sits between the capture's counter and the blocks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tocache_fx.explain import schedule_flops
+
+    model = model().eval()
+    x, t = torch.randn(2, 4, 16), torch.tensor([999.0])
+    cached = tocache_fx.transform(model, NoCache(), compile=False)
+    with torch.no_grad():
+        cached(x, timestep=t)
+        with FlopCounterMode(display=False) as counter:
+            model(x, timestep=t)
+    assert schedule_flops(cached)["uncached_step"] == counter.get_total_flops()

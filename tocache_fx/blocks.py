@@ -4,7 +4,8 @@ A block is a module of an outermost `nn.ModuleList` holding two or more modules 
 class (DiT's `transformer_blocks`, FLUX's double and single stacks, Wan's `blocks`),
 or an instance of a class the model lists in diffusers' `_repeated_blocks`; blocks
 nested in other blocks are dropped. No per-model lists: a model whose forward calls
-no such block is captured whole.
+no such block is captured whole. `calls_served_by` routes a block's calls to another
+function for a while, its hooks still run around it.
 
 Example:
     >>> [path for path, _ in find_blocks(flux)]   # doctest: +SKIP
@@ -13,9 +14,29 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 
-__all__ = ["find_blocks"]
+__all__ = ["find_blocks", "calls_served_by"]
+
+
+@contextlib.contextmanager
+def calls_served_by(served: list[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """While inside, calling each module runs its function instead of the module's own
+    call: `nn.Module.__call__` takes `_compiled_call_impl` (the slot `module.compile()`
+    fills) when set, hooks included. What was there before, a user's `.compile()`
+    among it, is put back on exit."""
+    previous = [module.__dict__.get("_compiled_call_impl") for module, _ in served]
+    for module, call in served:
+        module.__dict__["_compiled_call_impl"] = call
+    try:
+        yield
+    finally:
+        for (module, _), call in zip(served, previous):
+            module.__dict__["_compiled_call_impl"] = call
 
 
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .blocks import calls_served_by
 from .capture import call_leaves, call_signature, has_signature
 from .compiling import compile_step_graph
 from .errors import CacheStateError
@@ -429,16 +430,12 @@ class CachedTransformer(torch.nn.Module):
     # -- running sites ---------------------------------------------------------------
     def _run_blocks(self, current: _Step, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run the model's forward with every block call served by its step graph."""
-        sites = current.prepared.sites
         token = _ACTIVE.set(current)
-        previous = [site.module.__dict__.get("_compiled_call_impl") for site in sites]
-        for site in sites:
-            site.module.__dict__["_compiled_call_impl"] = _dispatcher(site)
         try:
-            return self.original(*args, **kwargs)
+            with calls_served_by([(site.module, _dispatcher(site))
+                                  for site in current.prepared.sites]):
+                return self.original(*args, **kwargs)
         finally:
-            for site, call in zip(sites, previous):  # a block's own `.compile()` kept
-                site.module.__dict__["_compiled_call_impl"] = call
             _ACTIVE.reset(token)
 
     def _site_plan(self, current: _Step, site: Site) -> Plan:

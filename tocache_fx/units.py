@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tocache_fx.passes.find_branches import Branch, find_branches
 from tocache_fx.passes.token_axis import main_stream, token_span
 
-from .blocks import find_blocks
+from .blocks import calls_served_by, find_blocks
 from .capture import CapturedGraph, StateAccessor, call_signature, capture
 from .errors import UnsupportedModelError
 from .meta import fake_inputs, graph_flops
@@ -233,31 +233,32 @@ def _run_counting_flops(model: torch.nn.Module, args: tuple, kwargs: dict[str, A
     from torch.nn.attention import flex_attention
 
     counter = FlopCounterMode(display=False)
+    inside_blocks = [0]  # FLOPs counted in a block that another mode kept from popping ours
 
     def outside_counter(module: torch.nn.Module) -> Callable[..., Any]:
         def call(*call_args: Any, **call_kwargs: Any) -> Any:
-            if _get_current_dispatch_mode() is not counter.mode:  # another mode on top
+            if _get_current_dispatch_mode() is counter.mode:
+                with _pop_mode_temporarily():
+                    return module._call_impl(*call_args, **call_kwargs)
+            before = counter.get_total_flops()
+            try:
                 return module._call_impl(*call_args, **call_kwargs)
-            with _pop_mode_temporarily():
-                return module._call_impl(*call_args, **call_kwargs)
+            finally:
+                inside_blocks[0] += counter.get_total_flops() - before
         return call
 
-    previous = [module.__dict__.get("_compiled_call_impl") for module in uncounted]
     with torch.no_grad():
         eager_flex = flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
         flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
-        for module in uncounted:
-            module.__dict__["_compiled_call_impl"] = outside_counter(module)
         try:
-            with counter:
+            with calls_served_by([(module, outside_counter(module)) for module in uncounted]), \
+                    counter:
                 model(*args, **kwargs)
-            return counter.get_total_flops()
+            return counter.get_total_flops() - inside_blocks[0]
         except Exception:  # noqa: BLE001 - a failure of the counter, or of the model itself
             pass
         finally:
             flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = eager_flex
-            for module, call in zip(uncounted, previous):
-                module.__dict__["_compiled_call_impl"] = call
         restart()
         model(*args, **kwargs)  # raises the model's own error, if that is what it was
         return 0
