@@ -224,10 +224,10 @@ def _run_counting_flops(model: torch.nn.Module, args: tuple, kwargs: dict[str, A
                         restart: Callable[[], None], uncounted: list[torch.nn.Module]) -> int:
     """Run the model once and count the FLOPs of its glue: the `uncounted` modules (the
     blocks, whose FLOPs are counted per step graph) run with the counter's mode popped,
-    so the probe costs little more than an eager call. An op the counter cannot run
-    (eager flex attention, a higher-order op with no dispatch-mode rule) makes the count
-    fail: the model then runs again uncounted (`restart` called first) and 0 is
-    returned. Eager flex attention is kept off its `torch.compile` path while counted: a
+    which saves about half of what counting adds (its module tracker still runs). An op
+    the counter cannot run (eager flex attention, a higher-order op with no dispatch-mode
+    rule) makes the count fail: the model then runs again uncounted (`restart` called
+    first) and 0 is returned. Eager flex attention is kept off its `torch.compile` path while counted: a
     compile failing under the counter's mode would stay cached by Dynamo and break every
     later eager call."""
     from torch.nn.attention import flex_attention
