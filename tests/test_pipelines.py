@@ -269,15 +269,14 @@ class ModeAroundBlocks(NumberTimestep):
 def test_uncached_flops_equal_a_counted_run(model):
     """`explain`'s FLOPs of an uncached step equal FlopCounterMode around the model,
     also where the glue's own mode sits between the capture's counter and the blocks."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from tocache_fx.explain import schedule_flops
+    from tocache_fx.meta import flop_counter
 
     model = model().eval()
     x, t = torch.randn(2, 4, 16), torch.tensor([999.0])
     cached = tocache_fx.transform(model, NoCache(), compile=False)
     with torch.no_grad():
         cached(x, timestep=t)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(x, timestep=t)
     assert schedule_flops(cached)["uncached_step"] == counter.get_total_flops()

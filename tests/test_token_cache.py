@@ -162,13 +162,12 @@ def test_a_predictor_for_another_model_or_resolution_is_refused(trained):
 def test_counted_flops_match_a_run(dit, ratio):
     """`explain`'s FLOP count of a TokenCache schedule equals FlopCounterMode around a
     real (eager) generation, at every pruning ratio (the listed token counts are sizes)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from tocache_fx.explain import schedule_flops
+    from tocache_fx.meta import flop_counter
 
     cached = tocache_fx.transform(dit, TokenCache(CachePredictor(3, 16), prune_ratio=ratio,
                                                   k1=2, k2=2, num_steps=STEPS), compile=False)
     denoise(cached, dit_inputs, STEPS)  # captures
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         denoise(cached, dit_inputs, STEPS)
     assert schedule_flops(cached, STEPS)["total"] == counter.get_total_flops()

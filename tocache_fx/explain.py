@@ -1,7 +1,8 @@
 """`explain(model)`: what the pass found and rewrote, and what each step costs.
 
-FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on fake tensors by
-running the same rewritten step graphs the compiled model runs. A step graph's FLOPs
+FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (`meta.flop_counter`,
+which adds the formula torch lacks for SDPA's CPU kernel) on fake tensors by running the
+same rewritten step graphs the compiled model runs. A step graph's FLOPs
 are linear in its dynamic token counts, so each graph is counted once at a base count
 and once per dynamic branch one token higher. With block capture, the glue (embedders,
 final layer) is the eager whole-model count at capture minus the blocks'.

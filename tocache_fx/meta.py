@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from typing import Any
+
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                             DynamicOutputShapeException, FakeTensorMode)
@@ -18,11 +20,35 @@ from torch.fx import Graph, GraphModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import _pop_mode_temporarily
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from tocache_fx.errors import UnsupportedModelError
 
-__all__ = ["copy_graph_module", "fake_inputs", "graph_flops", "refresh_meta", "traced_from"]
+__all__ = ["copy_graph_module", "fake_inputs", "flop_counter", "graph_flops", "refresh_meta",
+           "traced_from"]
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None,
+                         **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# SDPA's CPU kernel, which torch's formulas leave out: uncounted, an attention on the CPU
+# would cost 0 FLOPs (its CUDA kernels are counted)
+_MISSING_FORMULAS = {op: _cpu_attention_flops
+                     for op in (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,)
+                     if op not in flop_registry}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's `FlopCounterMode` (no display), also counting attention on the CPU.
+
+    Example:
+        >>> with flop_counter() as counter:
+        ...     F.scaled_dot_product_attention(q, k, v)   # doctest: +SKIP
+        >>> counter.get_total_flops()   # doctest: +SKIP
+    """
+    return FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS)
 
 
 def copy_graph_module(base: GraphModule) -> GraphModule:
@@ -100,12 +126,12 @@ def graph_flops(gm: GraphModule, inputs: list[torch.Tensor], mode: FakeTensorMod
     `FlopCounterMode`. A higher-order op that cannot run under the counter (eager flex
     attention) runs beside it and is counted by torch's own formula for it."""
     try:
-        with mode, FlopCounterMode(display=False) as counter:
+        with mode, flop_counter() as counter:
             gm(*inputs)
         counts = dict(counter.get_flop_counts().get("Global", {}))
     except Exception:  # noqa: BLE001 - the counter's failure: count around the op
         hops = _HopsBesideCounter(gm)
-        with mode, FlopCounterMode(display=False) as counter:
+        with mode, flop_counter() as counter:
             hops.run(*inputs)
         counts = Counter(counter.get_flop_counts().get("Global", {})) + hops.flops
     return counts if by_op else sum(counts.values())

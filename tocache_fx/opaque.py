@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import register_flop_formula
 
 from .errors import UnsupportedModelError
+from .meta import flop_counter
 
 __all__ = ["OpaqueModule", "opaque_modules", "failing_module", "OPAQUE_OP", "REGISTRY", "CURRENT_UNIT"]
 
@@ -125,7 +126,7 @@ def _describe(module: torch.nn.Module, key: str, path: str,
     x = args[0]
     tokens = x.shape[-2]
     subset = torch.arange(tokens - 1, -1, -2, device=x.device)  # every other token, reversed
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         on_subset = module(x.index_select(-2, subset))
     token_wise = tokens > 1 and torch.allclose(on_subset, output.index_select(-2, subset),
                                                rtol=1e-4, atol=1e-5)

@@ -28,7 +28,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
-from torch.utils.flop_counter import FlopCounterMode
 
 from tocache_fx.passes.find_branches import Branch, find_branches
 from tocache_fx.passes.token_axis import main_stream, token_span
@@ -36,7 +35,7 @@ from tocache_fx.passes.token_axis import main_stream, token_span
 from .blocks import calls_served_by, find_blocks
 from .capture import CapturedGraph, StateAccessor, call_signature, capture
 from .errors import UnsupportedModelError
-from .meta import fake_inputs, graph_flops
+from .meta import fake_inputs, flop_counter, graph_flops
 from .watch import fingerprint
 
 __all__ = ["Unit", "Site", "Prepared", "prepare", "CaptureMode"]
@@ -232,7 +231,7 @@ def _run_counting_flops(model: torch.nn.Module, args: tuple, kwargs: dict[str, A
     later eager call."""
     from torch.nn.attention import flex_attention
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     inside_blocks = [0]  # FLOPs counted in a block that another mode kept from popping ours
 
     def outside_counter(module: torch.nn.Module) -> Callable[..., Any]:

@@ -30,6 +30,7 @@ from tabulate import tabulate
 
 import tocache_fx
 from tocache_fx.explain import schedule_flops
+from tocache_fx.meta import flop_counter
 from tocache_fx.harness.metrics import DigitsJudge, psnr, ssim
 from tocache_fx.harness.peers import FLUX_PEERS, PEERS, build_peer
 from tocache_fx.harness.sampling import (FLUX_MODEL_DIR, MODEL_DIR, load_dit_digits,
@@ -163,9 +164,7 @@ def _timed(fn) -> tuple[float, torch.Tensor]:
 
 def _generation_flops(spec: BenchModel, denoiser, labels: torch.Tensor, steps: int) -> int:
     """FLOPs of one eager generation (matmuls, convolutions, attention), counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         spec.sample(denoiser, labels, num_steps=steps, seed=0)
     return counter.get_total_flops()
 
