@@ -8,6 +8,7 @@ Rewrites (on a copy of the graph, for one step plan):
     attention_scores  at FULL steps, the token scores later PARTIAL steps select by
     cache_branches    each residual branch in its cache-aware form (FULL, REUSE, PARTIAL)
     skip_blocks       DuCa's AGGRESSIVE step (all blocks skipped) and the slot it reads
+    fuse_scored_attention  a scored CPU float32 attention and its score from one softmax
     narrow_linears    a linear whose output chunks a step partly leaves unused computes
                       only the used ones (adaLN modulation at REUSE steps)
 

@@ -6,7 +6,8 @@ s1, how much attention each token receives), "entropy" (ToCa s2, cross-attention
 entropy per query token) or "vnorm" (DuCa, value norms), over the tokens
 `start:start + length` of the attention's sequence (one stream of a joint attention).
 Ensures: next to each such attention op, a node computes the score from the op's own
-Q/K/V inputs in chunks of queries (attention itself stays on SDPA) and is written to
+Q/K/V inputs in chunks of queries (`fuse_scored_attention` may later merge it with the
+attention) and is written to
 slot `score_slot(key)` wherever the attention runs in full (FULL steps, and a
 per-kind cycle's FULL branches inside a PARTIAL step, as the authors refresh their maps).
 Under context parallelism (collectives between the stream and the attention) the score

@@ -84,6 +84,69 @@ def test_full_plan_stores_one_slot_per_cached_branch(capture):
 
 
 @pytest.mark.parametrize("capture", MODES)
+def test_scored_full_plan_takes_attention_and_score_from_one_softmax(capture):
+    """A FULL step that scores tokens for later PARTIAL steps (ToCa's s1), on the CPU in
+    float32: each scored attention is one `attention_with_score`, no SDPA beside it."""
+    captured, branches, schedule, layout, _ = setup(ToCa(interval=2, cache_ratio=0.5), capture)
+    full = build_step_graph(captured.graph_module, branches, schedule.full_plan(), layout)
+    count, before = targets(full), targets(captured)
+    assert len(layout.scores) > 0
+    assert count[ops.attention_with_score] == len(layout.scores)
+    assert count[ops.attention_influence] == 0
+    assert count[aten.scaled_dot_product_attention.default] == \
+        before[aten.scaled_dot_product_attention.default] - len(layout.scores)
+
+
+def _scored_attention_graph(dtype, mask=None, **sdpa):
+    """A graph of one SDPA and the influence score of its query and key."""
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    examples = [torch.randn(2, 3, 40, 8, generator=torch.Generator().manual_seed(i)).to(dtype)
+                for i in range(3)]
+    nodes = [q, k, v]
+    if mask is not None:
+        nodes.append(graph.placeholder("mask"))
+        examples.append(mask)
+    for node, example in zip(nodes, examples):
+        node.meta["val"] = example
+    mask_node = nodes[3] if mask is not None else None
+    attention = graph.call_function(aten.scaled_dot_product_attention.default,
+                                    (q, k, v, mask_node), sdpa)
+    score = graph.call_function(ops.attention_influence, (q, k, mask_node, None, 16, (4, 30)))
+    graph.output((attention, score))
+    return torch.fx.GraphModule({}, graph), examples
+
+
+@pytest.mark.parametrize("mask", [None, "float"])
+def test_fused_scored_attention_equals_sdpa_and_the_score(mask):
+    from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention
+
+    bias = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5)) \
+        if mask else None
+    gm, examples = _scored_attention_graph(torch.float32, bias)
+    expected = gm(*examples)
+    assert fuse_scored_attention(gm) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert aten.scaled_dot_product_attention.default not in [n.target for n in gm.graph.nodes]
+    attention, score = gm(*examples)
+    torch.testing.assert_close(attention, expected[0], rtol=0, atol=1e-6)
+    assert torch.equal(score, expected[1])  # over query chunks of 16, keys 4:34
+
+
+@pytest.mark.parametrize("dtype, mask, sdpa", [
+    (torch.bfloat16, None, {}),  # SDPA's kernel stays the fast path off float32
+    (torch.float32, torch.ones(2, 1, 40, 40, dtype=torch.bool), {}),
+    (torch.float32, None, {"is_causal": True}),
+])
+def test_scored_attention_that_is_not_plain_float32_sdpa_stays(dtype, mask, sdpa):
+    from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention
+
+    gm, _ = _scored_attention_graph(dtype, mask, **sdpa)
+    assert fuse_scored_attention(gm) == 0
+
+
+@pytest.mark.parametrize("capture", MODES)
 def test_reuse_plan_removes_every_block_computation(capture):
     captured, branches, schedule, layout, _ = setup(FORA(interval=3), capture)
     reuse = build_step_graph(captured.graph_module, branches, schedule.plan(1), layout)

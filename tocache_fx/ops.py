@@ -18,7 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "gather_tokens", "gather_side_input", "batch_index", "scatter_tokens", "advance_staleness", "select_tokens",
     "attention_influence", "cross_attention_entropy", "value_norm_score", "fresh_staleness",
-    "finite_difference", "taylor_forecast", "sharded_attention_score",
+    "finite_difference", "taylor_forecast", "sharded_attention_score", "attention_with_score",
 ]
 
 
@@ -119,9 +119,8 @@ def attention_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | N
     total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
     for start in range(0, q.shape[-2], chunk):
         q_chunk = q[..., start:start + chunk, :]
-        m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
-            else mask
-        total = total + _attention_probs(q_chunk, k, m_chunk, scale).mean(dim=1).sum(dim=1)
+        total = total + _attention_probs(q_chunk, k, _mask_rows(mask, start, chunk),
+                                         scale).mean(dim=1).sum(dim=1)
     return _normalise(_cut(total, span))
 
 
@@ -146,13 +145,55 @@ def _entropy_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
     """Entropy of each query's head-averaged attention map: `[B, N_queries]`."""
     rows = []
     for start in range(0, q.shape[-2], chunk):
-        m_chunk = mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 \
-            else mask
-        probs = _attention_probs(q[..., start:start + chunk, :], k, m_chunk, scale).mean(dim=1)
-        if share_halves and probs.shape[0] % 2 == 0:
-            probs = _shared_halves(probs.flatten(1)).view_as(probs)
-        rows.append(-(probs * torch.log(probs + 1e-7)).sum(dim=-1))
+        probs = _attention_probs(q[..., start:start + chunk, :], k, _mask_rows(mask, start, chunk),
+                                 scale)
+        rows.append(_entropy_of(probs, share_halves))
     return torch.cat(rows, dim=-1)
+
+
+def _mask_rows(mask: torch.Tensor | None, start: int, chunk: int) -> torch.Tensor | None:
+    """The rows of an attention mask for queries `start:start + chunk` (a mask that
+    broadcasts over the queries is taken whole)."""
+    return mask[..., start:start + chunk, :] if mask is not None and mask.shape[-2] > 1 else mask
+
+
+def _entropy_of(probs: torch.Tensor, share_halves: bool) -> torch.Tensor:
+    """Entropy of each query row of `[B, H, n, N]` probabilities averaged over heads."""
+    probs = probs.mean(dim=1)
+    if share_halves and probs.shape[0] % 2 == 0:
+        probs = _shared_halves(probs.flatten(1)).view_as(probs)
+    return -(probs * torch.log(probs + 1e-7)).sum(dim=-1)
+
+
+def attention_with_score(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None = None, scale: float | None = None,
+                         chunk: int = 256, share_halves: bool = False,
+                         span: tuple[int, int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output `[B, H, N, d]` and its score ("influence" or "entropy"), both
+    from one softmax per chunk of queries: attention computed explicitly, as the ToCa
+    authors compute it to read its map. The output is `scaled_dot_product_attention`'s
+    (no dropout, causal mask or GQA) within float rounding, the score exactly
+    `attention_influence` / `cross_attention_entropy`'s.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 4, 16, 8)
+        >>> out, score = attention_with_score("influence", q, k, v)
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+        True
+    """
+    outputs, influence, rows = [], None, []
+    for start in range(0, q.shape[-2], chunk):
+        probs = _attention_probs(q[..., start:start + chunk, :], k, _mask_rows(mask, start, chunk),
+                                 scale)
+        outputs.append(torch.matmul(probs.to(v.dtype), v))
+        if kind == "influence":
+            received = probs.mean(dim=1).sum(dim=1)
+            influence = received if influence is None else influence + received
+        else:
+            rows.append(_entropy_of(probs, share_halves))
+    score = _cut(influence, span) if kind == "influence" else 1 + _cut(torch.cat(rows, dim=-1), span)
+    return torch.cat(outputs, dim=-2), _normalise(score)
 
 
 def value_norm_score(v: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from tocache_fx.passes.attention_scores import attention_scores
+from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention
 from tocache_fx.passes.cache_branches import DYNAMIC, cache_branches
 from tocache_fx.passes.find_branches import Branch
 from tocache_fx.passes.merge_pruned import merge_pruned
@@ -96,6 +97,7 @@ def build_step_graph(base: GraphModule, branches: Sequence[Branch], plan: Plan,
         cache_branches(gm, branches, plan, layout, state)
         merge_pruned(gm, branches, plan, layout, state)
     state.finish()
+    fuse_scored_attention(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     narrow_linears(gm)
     refresh_meta(gm)
