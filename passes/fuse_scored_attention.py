@@ -54,11 +54,10 @@ def _fusable(attention: Node) -> bool:
 
 
 def _scored_attention(score: Node, attentions: list[Node]) -> Node | None:
-    """The one SDPA whose query, key and mask the score node reads, if fusable."""
-    query, key, mask = score.args[:3]
-    matches = [a for a in attentions
-               if (_sdpa_arguments(a)["query"], _sdpa_arguments(a)["key"],
-                   _sdpa_arguments(a)["attn_mask"]) == (query, key, mask)]
+    """The one SDPA whose query, key, mask and scale the score node reads, if fusable."""
+    query, key, mask, scale = score.args[:4]
+    matches = [a for a in attentions if tuple(_sdpa_arguments(a)[name] for name in (
+        "query", "key", "attn_mask", "scale")) == (query, key, mask, scale)]
     return matches[0] if len(matches) == 1 and _fusable(matches[0]) else None
 
 
