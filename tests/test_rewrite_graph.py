@@ -97,8 +97,9 @@ def test_scored_full_plan_takes_attention_and_score_from_one_softmax(capture):
         before[aten.scaled_dot_product_attention.default] - len(layout.scores)
 
 
-def _scored_attention_graph(dtype, mask=None, **sdpa):
-    """A graph of one SDPA and the influence score of its query and key."""
+def _scored_attention_graph(dtype, mask=None, kind="influence", **sdpa):
+    """A graph of one SDPA and the `kind` score of its query and key (chunks of 16
+    queries, tokens 4:34; entropy with the CFG halves shared)."""
     graph = torch.fx.Graph()
     q, k, v = (graph.placeholder(name) for name in "qkv")
     examples = [torch.randn(2, 3, 40, 8, generator=torch.Generator().manual_seed(i)).to(dtype)
@@ -112,18 +113,21 @@ def _scored_attention_graph(dtype, mask=None, **sdpa):
     mask_node = nodes[3] if mask is not None else None
     attention = graph.call_function(aten.scaled_dot_product_attention.default,
                                     (q, k, v, mask_node), sdpa)
-    score = graph.call_function(ops.attention_influence, (q, k, mask_node, None, 16, (4, 30)))
+    score = graph.call_function(ops.attention_influence, (q, k, mask_node, None, 16, (4, 30))) \
+        if kind == "influence" else graph.call_function(
+            ops.cross_attention_entropy, (q, k, mask_node, None, 16, True, (4, 30)))
     graph.output((attention, score))
     return torch.fx.GraphModule({}, graph), examples
 
 
+@pytest.mark.parametrize("kind", ["influence", "entropy"])
 @pytest.mark.parametrize("mask", [None, "float"])
-def test_fused_scored_attention_equals_sdpa_and_the_score(mask):
+def test_fused_scored_attention_equals_sdpa_and_the_score(mask, kind):
     from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention
 
     bias = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5)) \
         if mask else None
-    gm, examples = _scored_attention_graph(torch.float32, bias)
+    gm, examples = _scored_attention_graph(torch.float32, bias, kind)
     expected = gm(*examples)
     assert fuse_scored_attention(gm) == 1
     gm.graph.eliminate_dead_code()
@@ -131,7 +135,7 @@ def test_fused_scored_attention_equals_sdpa_and_the_score(mask):
     assert aten.scaled_dot_product_attention.default not in [n.target for n in gm.graph.nodes]
     attention, score = gm(*examples)
     torch.testing.assert_close(attention, expected[0], rtol=0, atol=1e-6)
-    assert torch.equal(score, expected[1])  # over query chunks of 16, keys 4:34
+    assert torch.equal(score, expected[1])
 
 
 @pytest.mark.parametrize("dtype, mask, sdpa", [

@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-
 from typing import Any
 
 import torch
