@@ -40,8 +40,7 @@ def _sdpa_arguments(node: Node) -> dict[str, object]:
     return {**_SDPA_DEFAULTS, **dict(zip(names, node.args)), **node.kwargs}
 
 
-def _fusable(attention: Node) -> bool:
-    arguments = _sdpa_arguments(attention)
+def _fusable(arguments: dict[str, object]) -> bool:
     query, key, mask = arguments["query"], arguments["key"], arguments["attn_mask"]
     q, k = query.meta.get("val"), key.meta.get("val")
     mask_val = mask.meta.get("val") if isinstance(mask, Node) else None
@@ -55,10 +54,10 @@ def _fusable(attention: Node) -> bool:
 
 def _scored_attention(score: Node, attentions: list[Node]) -> Node | None:
     """The one SDPA whose query, key, mask and scale the score node reads, if fusable."""
-    query, key, mask, scale = score.args[:4]
+    read = tuple(score.args[:4])  # query, key, mask, scale
     matches = [a for a in attentions if tuple(_sdpa_arguments(a)[name] for name in (
-        "query", "key", "attn_mask", "scale")) == (query, key, mask, scale)]
-    return matches[0] if len(matches) == 1 and _fusable(matches[0]) else None
+        "query", "key", "attn_mask", "scale")) == read]
+    return matches[0] if len(matches) == 1 and _fusable(_sdpa_arguments(matches[0])) else None
 
 
 def fuse_scored_attention(gm: GraphModule) -> int:
