@@ -208,6 +208,30 @@ def test_flop_counter_counts_cpu_attention_as_its_matmuls():
     assert fused.get_total_flops() == explicit.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_a_query_that_sees_no_key_leaves_the_scores_of_the_others(mask_dtype):
+    """Query 2 may attend to no key (SDPA outputs zeros for it): s1 is what the other
+    queries give, and s2 gives it entropy 0 and the others theirs, all finite (softmax
+    over the masked row alone was NaN and made every token's score NaN)."""
+    from tocache_fx import ops
+
+    q, k = (torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(i)) for i in (0, 1))
+    seen = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    seen[..., 2, :] = False
+    mask = seen if mask_dtype == torch.bool else \
+        torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
+    others = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(ops.attention_influence(q, k, mask),
+                               ops.attention_influence(q[:, :, others], k))
+    probs = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(dim=-1).mean(dim=1)
+    entropy = -(probs * torch.log(probs + 1e-7)).sum(dim=-1)
+    entropy[:, 2] = 0  # it attends to nothing
+    expected = torch.nn.functional.normalize(1 + entropy, dim=-1)
+    got = ops.cross_attention_entropy(q, k, mask)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected)
+
+
 def test_graph_flops_of_a_graph_without_flop_ops_is_zero():
     """A step graph with only elementwise ops (a REUSE step of a block without its own
     linears) counts as 0 FLOPs; the counter then reports no "Global" entry at all."""

@@ -120,14 +120,27 @@ def _scored_attention_graph(dtype, mask=None, kind="influence", **sdpa):
     return torch.fx.GraphModule({}, graph), examples
 
 
+def _mask(kind):
+    """None, or a float / boolean mask that hides key 7 and every key from query 3."""
+    if kind is None:
+        return None
+    seen = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    seen[..., 7] = False
+    seen[..., 3, :] = False
+    if kind == "bool":
+        return seen
+    bias = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5))
+    return bias.masked_fill(~seen, float("-inf"))
+
+
 @pytest.mark.parametrize("kind", ["influence", "entropy"])
-@pytest.mark.parametrize("mask", [None, "float"])
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
 def test_fused_scored_attention_equals_sdpa_and_the_score(mask, kind):
+    """Also with a query that sees no key: SDPA's output for it is zeros, and so is the
+    fused one's."""
     from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention
 
-    bias = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5)) \
-        if mask else None
-    gm, examples = _scored_attention_graph(torch.float32, bias, kind)
+    gm, examples = _scored_attention_graph(torch.float32, _mask(mask), kind)
     expected = gm(*examples)
     assert fuse_scored_attention(gm) == 1
     gm.graph.eliminate_dead_code()
@@ -136,12 +149,13 @@ def test_fused_scored_attention_equals_sdpa_and_the_score(mask, kind):
     attention, score = gm(*examples)
     torch.testing.assert_close(attention, expected[0], rtol=0, atol=1e-6)
     assert torch.equal(score, expected[1])
+    assert score.isfinite().all()
 
 
 @pytest.mark.parametrize("dtype, mask, sdpa", [
     (torch.bfloat16, None, {}),  # SDPA's kernel stays the fast path off float32
-    (torch.float32, torch.ones(2, 1, 40, 40, dtype=torch.bool), {}),
     (torch.float32, None, {"is_causal": True}),
+    (torch.float32, None, {"dropout_p": 0.1}),
 ])
 def test_scored_attention_that_is_not_plain_float32_sdpa_stays(dtype, mask, sdpa):
     from tocache_fx.passes.fuse_scored_attention import fuse_scored_attention

@@ -99,12 +99,16 @@ def _shared_halves(score: torch.Tensor) -> torch.Tensor:
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
                      scale: float | None) -> torch.Tensor:
+    """The attention map in float32; a query the mask lets see no key attends to nothing
+    (a row of zeros, where softmax gives NaN: SDPA's output for it is zeros too)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
-            else logits + mask.float()
-    return logits.softmax(dim=-1)
+    if mask is None:
+        return logits.softmax(dim=-1)
+    logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+        else logits + mask.float()
+    blind = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return logits.softmax(dim=-1).masked_fill(blind, 0.0)
 
 
 def attention_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
