@@ -16,8 +16,9 @@ from the step index on every rank, with no collective for it. PARTIAL steps reco
 per shard (the schedule's k is computed from the branch's local token count), each shard
 picking its own top tokens.
 
-Skipped where torch.distributed or gloo is unavailable. About 4 minutes on 2 CPU cores (most
-of it the two processes' imports and captures, and two inductor compiles).
+Skipped where torch.distributed or gloo is unavailable. The spawn takes 4-6 minutes on 2 CPU
+cores (360 s on 2026-12-07; most of it the two processes' imports and captures, and two
+inductor compiles), well inside `TIMEOUT_S`.
 """
 
 from __future__ import annotations
