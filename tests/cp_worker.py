@@ -17,6 +17,7 @@ family's `policies()` (captures shared by `with_policy`), or only `:<policy>`.
 blocks: see the job); "flux/ulysses-after_generation" runs a generation in one process, then
 enables Ulysses on the transformed model and runs again; "<family>/<mode>-scores" compares
 ToCa's and DuCa's token scores after the first (FULL) step with the one-process ones.
+"zoo/models" runs every zoo model with a `_cp_plan` under Ulysses and Ring (see `_zoo`).
 
 `python tests/cp_worker.py JOB ...` runs jobs on 2 ranks by hand and prints rank 0's results.
 
@@ -230,7 +231,7 @@ def run(rank: int, world: int, port: int, out_dir: str, jobs: list[str]) -> None
                 results["timings"][f"{family}/single"] = time.perf_counter() - began
             began = time.perf_counter()
             try:
-                results[job] = _zoo(task, world) if family == "zoo" else \
+                results[job] = _zoo(world) if family == "zoo" else \
                     _job(task, family, *families[family], world)
             except Exception:  # noqa: BLE001 - reported to the test
                 results[job] = {"error": traceback.format_exc()}
@@ -354,8 +355,16 @@ def _cp_call(model, inputs: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
-# Zoo configs changed for CP: Helios' plan names its 40 blocks one by one
-CP_CONFIGS = {"HeliosTransformer3DModel": {"num_layers": 40}}
+def _plan_of(model) -> dict[str, Any]:
+    """The class's `_cp_plan` without the entries naming modules this tiny config lacks
+    (Helios' plan names its 40 blocks one by one; the zoo builds 2)."""
+    def exists(name: str) -> bool:
+        try:
+            return "*" in name or model.get_submodule(name) is not None
+        except AttributeError:
+            return False
+
+    return {name: entry for name, entry in type(model)._cp_plan.items() if exists(name)}
 
 
 def _outputs(output) -> list:
@@ -373,29 +382,25 @@ def _max_diff_all(a: list, b: list) -> float:
     return max(map(_max_diff, a, b))
 
 
-def _zoo(mode: str, world: int) -> dict[str, Any]:
-    """Every zoo model with a `_cp_plan` (tests/zoo.py, batch 1), under `mode`
-    ("<mode>-models"): diffusers' own CP output against one process (where diffusers'
-    CP fails on the model, its error), then ours: NoCache against one process, FORA(2)
-    over two calls against its one-process run, ToCa(2) over two calls (FULL, PARTIAL)
-    against the uncached second call, next to its one-process run's. Every output is
-    compared (LTX2's and MiniMax-H3's audio too)."""
+def _zoo(world: int) -> dict[str, dict[str, Any]]:
+    """Every zoo model with a `_cp_plan` (tests/zoo.py, batch 1), under Ulysses and Ring
+    ({mode: {model: result}}): the one-process runs once per model, then per mode diffusers'
+    own CP output against one process (where diffusers' CP fails on the model, its error),
+    and ours: NoCache against one process, FORA(2) over two calls against its one-process
+    run, ToCa(2) over two calls (FULL, PARTIAL) against the uncached second call, next to
+    its one-process run's. Every output is compared (LTX2's and MiniMax-H3's audio too)."""
     import torch
 
     import tocache_fx
     from zoo import ZOO
 
-    mode = mode.removesuffix("-models")
     toca_policy = tocache_fx.ToCa(interval=2, full_schedule="fixed", step_clock="countup",
                                   num_steps=2)  # FULL, then PARTIAL
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {mode: {} for mode in ("ulysses", "ring")}
     for entry in ZOO:
         model = entry.build()
         if not getattr(type(model), "_cp_plan", None):
             continue
-        if entry.name in CP_CONFIGS:
-            torch.manual_seed(0)
-            model = type(model).from_config({**model.config, **CP_CONFIGS[entry.name]}).eval()
         calls = [_cp_call(model, entry.inputs(1, t)) for t in (0.5, 0.4)]
         with torch.no_grad():
             reference = _outputs(model(**calls[0]))
@@ -404,28 +409,32 @@ def _zoo(mode: str, world: int) -> dict[str, Any]:
             fora_one = [_outputs(one(**call)) for call in calls]
             toca_single = one.with_policy(toca_policy)
             toca_one = [_outputs(toca_single(**call)) for call in calls][1]
-            parallel = copy.deepcopy(model)
-            try:
-                parallel.enable_parallelism(config=cp_config(mode, world))
-                theirs = _outputs(parallel(**calls[0]))
-            except Exception as error:  # noqa: BLE001 - diffusers' own CP on this config
-                out[entry.name] = {"diffusers_error": f"{type(error).__name__}: {error}"[:300]}
-                continue
-            base = tocache_fx.transform(parallel, tocache_fx.NoCache(), compile=False)
-            ours = _outputs(base(**calls[0]))
-            fora = base.with_policy(tocache_fx.FORA(2, num_steps=2))
-            fora_many = [_outputs(fora(**call)) for call in calls]
-            toca = base.with_policy(toca_policy)
-            toca_out = [_outputs(toca(**call)) for call in calls]
-        kinds = {name: [int(kind) for kind in next(iter(cached._generations.values())).kinds]
-                 for name, cached in (("fora", fora), ("toca", toca))}
-        out[entry.name] = {"diffusers_vs_original": _max_diff_all(theirs, reference),
-                           "nocache_vs_original": _max_diff_all(ours, reference),
-                           "fora_vs_single": max(map(_max_diff_all, fora_many, fora_one)),
-                           "toca_finite": all(bool(torch.isfinite(t).all()) for o in toca_out for t in o),
-                           "toca_vs_original": _max_diff_all(toca_out[1], uncached),
-                           "toca_single_vs_original": _max_diff_all(toca_one, uncached),
-                           "kinds": kinds}
+            for mode, results in out.items():
+                began = time.perf_counter()
+                parallel = copy.deepcopy(model)
+                try:
+                    parallel.enable_parallelism(config=cp_config(mode, world),
+                                                cp_plan=_plan_of(model))
+                    theirs = _outputs(parallel(**calls[0]))
+                except Exception as error:  # noqa: BLE001 - diffusers' own CP on this config
+                    results[entry.name] = {"diffusers_error": f"{type(error).__name__}: {error}"[:300]}
+                    continue
+                base = tocache_fx.transform(parallel, tocache_fx.NoCache(), compile=False)
+                ours = _outputs(base(**calls[0]))
+                fora = base.with_policy(tocache_fx.FORA(2, num_steps=2))
+                fora_many = [_outputs(fora(**call)) for call in calls]
+                toca = base.with_policy(toca_policy)
+                toca_out = [_outputs(toca(**call)) for call in calls]
+                kinds = {name: [int(kind) for kind in next(iter(cached._generations.values())).kinds]
+                         for name, cached in (("fora", fora), ("toca", toca))}
+                results[entry.name] = {
+                    "diffusers_vs_original": _max_diff_all(theirs, reference),
+                    "nocache_vs_original": _max_diff_all(ours, reference),
+                    "fora_vs_single": max(map(_max_diff_all, fora_many, fora_one)),
+                    "toca_finite": all(bool(torch.isfinite(t).all()) for o in toca_out for t in o),
+                    "toca_vs_original": _max_diff_all(toca_out[1], uncached),
+                    "toca_single_vs_original": _max_diff_all(toca_one, uncached),
+                    "kinds": kinds, "seconds": time.perf_counter() - began}
     return out
 
 
