@@ -3,8 +3,10 @@
 A block is a module of an outermost `nn.ModuleList` holding two or more modules of one
 class (DiT's `transformer_blocks`, FLUX's double and single stacks, Wan's `blocks`),
 or an instance of a class the model lists in diffusers' `_repeated_blocks`; blocks
-nested in other blocks are dropped. No per-model lists: a model whose forward calls
-no such block is captured whole. `calls_served_by` routes a block's calls to another
+nested in other blocks are dropped, and a listed class holding other candidates (a token
+refiner around its layers) is glue. A block may hold repeated parts of its own (HiDream's
+MoE experts). No per-model lists: a model whose forward calls no such block is captured
+whole. `calls_served_by` routes a block's calls to another
 function for a while, its hooks still run around it.
 
 Example:
@@ -58,7 +60,8 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         inside.update(id(sub) for sub in block.modules() if sub is not block)
     order = {id(module): i for i, module in enumerate(model.modules())}
     found = [c for key, c in candidates.items() if key not in inside]
-    # a declared class that holds found blocks (a token refiner around its layers) is glue
-    holders = {id(b) for _, b in found if any(id(sub) in candidates and sub is not b
-                                              for sub in b.modules())}
+    # a declared class that holds other candidates (a token refiner around its layers) is
+    # glue; a list's block holding repeated parts of its own (an MoE's experts) is a block
+    holders = {id(b) for _, b in found if type(b).__name__ in declared and
+               any(id(sub) in candidates and sub is not b for sub in b.modules())}
     return sorted((c for c in found if id(c[1]) not in holders), key=lambda c: order[id(c[1])])
