@@ -97,7 +97,7 @@ class Prepared:
     branches: list[Branch]  # global: every site's branches, re-indexed, in call order
     grid: tuple[int, int] | None
     device: torch.device
-    units: list[Unit]
+    units: list[Unit]  # the sites' (blocks without branches run as glue, not kept)
     glue_flops: int = 0  # block capture: FLOPs of the eager forward outside the blocks
 
     @property
@@ -332,5 +332,6 @@ def prepare(model: torch.nn.Module, probe: tuple[tuple, dict[str, Any]], call: d
     sites, branches = _sites(placed, reindex_blocks=mode == "blocks")
     skip = branches[0].skip.meta["val"]
     grid = _token_grid(call, getattr(model, "config", None), skip.shape[1])
-    return Prepared(mode, call_signature(call), sites, branches, grid, device,
-                    list(units.values()), glue_flops if mode == "blocks" else 0)
+    used = list({id(unit): unit for _, _, unit in placed}.values())  # not the glue's
+    return Prepared(mode, call_signature(call), sites, branches, grid, device, used,
+                    glue_flops if mode == "blocks" else 0)
