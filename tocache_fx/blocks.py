@@ -6,8 +6,8 @@ or an instance of a class the model lists in diffusers' `_repeated_blocks`; bloc
 nested in other blocks are dropped, and a listed class holding other candidates (a token
 refiner around its layers) is glue. A block may hold repeated parts of its own (HiDream's
 MoE experts). No per-model lists: a model whose forward calls no such block is captured
-whole. `calls_served_by` routes a block's calls to another
-function for a while, its hooks still run around it.
+whole. `calls_served_by` routes a block's calls to another function for a while, its
+hooks still run around it.
 
 Example:
     >>> [path for path, _ in find_blocks(flux)]   # doctest: +SKIP
