@@ -8,7 +8,9 @@ from tocache_fx.blocks import find_blocks
 from zoo import ZOO
 
 
-class Expert(nn.Module):
+class Layer(nn.Module):
+    """A layer, or one expert of an MoE."""
+
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(8, 8)
@@ -20,13 +22,7 @@ class MoEBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.attn = nn.Linear(8, 8)
-        self.experts = nn.ModuleList(Expert() for _ in range(4))
-
-
-class Layer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
+        self.experts = nn.ModuleList(Layer() for _ in range(4))
 
 
 class Refiner(nn.Module):
