@@ -359,10 +359,13 @@ def _plan_of(model) -> dict[str, Any]:
     """The class's `_cp_plan` without the entries naming modules this tiny config lacks
     (Helios' plan names its 40 blocks one by one; the zoo builds 2)."""
     def exists(name: str) -> bool:
+        if "*" in name:  # a pattern: diffusers matches it against the modules itself
+            return True
         try:
-            return "*" in name or model.get_submodule(name) is not None
+            model.get_submodule(name)
         except AttributeError:
             return False
+        return True
 
     return {name: entry for name, entry in type(model)._cp_plan.items() if exists(name)}
 
